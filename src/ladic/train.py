@@ -1,0 +1,344 @@
+"""Training loop: one process or many (torchrun + DDP: gloo on CPU, NCCL on GPU), resumable, with EMA.
+
+Every random draw of step s comes from generators seeded by (seed, s) and the data order of epoch e
+from (seed, e), so a run killed at any point and resumed from its last checkpoint ends with the
+same weights as an uninterrupted run, and a DDP run sees the same global batch and noise as one
+process (each rank takes its slice of the global batch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from ladic.captioner import LaDiC
+from ladic.config import preset
+from ladic.data.features import FeatureSet, build_features
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is left intact."""
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Loaded from a JSON/TOML file and ``--set key=value`` overrides."""
+
+    preset: str = "small"
+    model: dict[str, Any] = field(default_factory=dict)  # LaDiCConfig overrides
+    data: str = "flickr8k"  # "flickr8k", "scenes", or a Karpathy/BLIP caption JSON
+    image_root: str | None = None  # images of a caption JSON
+    train_split: str = "train"
+    val_split: str = "val"
+    num_scenes: int = 2000  # with data = "scenes"
+    scene_size: int = 32
+    scene_max_objects: int = 1
+    out_dir: str = "runs/ladic"
+    cache_dir: str | None = None  # default: $LADIC_CACHE or ~/.cache/ladic/features
+    batch_size: int = 64  # global batch, split over ranks
+    max_steps: int = 2000
+    lr: float = 5e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    save_every: int = 500
+    eval_every: int = 1000
+    val_images: int = 200
+    val_steps: int = 5
+    seed: int = 0
+    stats_captions: int = 20000  # captions used for the latent mean/std
+    tensorboard: bool = False
+    log_every: int = 50
+    progress: bool = True
+    fail_at_step: int = -1  # testing aid: force a NaN loss at this step
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str] | None = None) -> "TrainConfig":
+        d: dict[str, Any] = {}
+        if path is not None:
+            text = Path(path).read_text()
+            if str(path).endswith(".toml"):
+                import tomllib
+
+                d = tomllib.loads(text)
+            else:
+                d = json.loads(text)
+        for item in overrides or []:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not key=value")
+            key, value = item.split("=", 1)
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                parsed = value
+            if key.startswith("model."):
+                d.setdefault("model", {})[key[6:]] = parsed
+            else:
+                d[key] = parsed
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training options: {', '.join(unknown)}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> tuple[Dist, torch.device]:
+    """Read torchrun's environment; gloo on CPU, NCCL on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+# ---------------------------------------------------------------------------- data
+def load_datasets(tc: TrainConfig, model: LaDiC, progress: bool) -> tuple[FeatureSet, FeatureSet | None, list | None]:
+    """Build (train features, val features, val images for scenes)."""
+    from ladic.data.captions import load_flickr8k, load_karpathy
+    from ladic.data.scenes import make_scenes
+
+    cache = tc.cache_dir or os.environ.get("LADIC_CACHE") or str(Path.home() / ".cache" / "ladic")
+    cache = str(Path(cache) / "features")
+    if tc.data == "scenes":
+        from ladic.data.captions import CaptionRecord
+
+        def records(scenes, prefix):
+            return [CaptionRecord(f"{prefix}{i}", "", s.captions, prefix) for i, s in enumerate(scenes)]
+
+        tr = make_scenes(tc.num_scenes, seed=tc.seed, size=tc.scene_size, max_objects=tc.scene_max_objects)
+        va = make_scenes(max(tc.val_images, 1), seed=tc.seed + 10_000, size=tc.scene_size, max_objects=tc.scene_max_objects)
+        train = build_features(model, records(tr, "train"), images=[s.image for s in tr])
+        val = build_features(model, records(va, "val"), images=[s.image for s in va])
+        return train, val, [s.image for s in va]
+    if tc.data == "flickr8k":
+        train_recs, val_recs = load_flickr8k(tc.train_split), load_flickr8k(tc.val_split)
+    else:
+        if tc.image_root is None:
+            raise ValueError("image_root is required with a caption JSON")
+        train_recs = load_karpathy(tc.data, tc.image_root, tc.train_split)
+        val_recs = load_karpathy(tc.data, tc.image_root, tc.val_split)
+    train = build_features(model, train_recs, cache, progress=progress)
+    val = build_features(model, val_recs[: tc.val_images], cache, progress=progress) if tc.val_images else None
+    return train, val, None
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def global_batch(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of the global batch of ``step``; epochs are consecutive permutations (last partial batch dropped)."""
+    per_epoch = max(n // batch_size, 1)
+    epoch, i = divmod(step, per_epoch)
+    return epoch_order(n, seed, epoch)[i * batch_size : (i + 1) * batch_size]
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], decay: float) -> None:
+    with torch.no_grad():
+        for k, v in params.items():
+            ema[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
+
+
+def save_checkpoint(path: Path, model: LaDiC, ema: dict[str, torch.Tensor], opt, sched, step: int, tc: TrainConfig) -> None:
+    """Atomic: written to a temporary folder, then renamed over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}, str(tmp / "weights.safetensors"))
+    save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step}, tmp / "trainer_state.pt")
+    (tmp / "train_config.json").write_text(json.dumps(asdict(tc), indent=1))
+    (tmp / "latent_stats.json").write_text(json.dumps({"mean": model.text.latent_mean.tolist(), "std": model.text.latent_std.tolist()}))
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def export_ema(model: LaDiC, ema: dict[str, torch.Tensor], out: Path, dtype: torch.dtype | None = None) -> None:
+    """Write the EMA weights as a ``save_pretrained`` folder."""
+    live = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
+    model.load_trainable_state_dict(ema)
+    model.save_pretrained(out, dtype=dtype)
+    model.load_trainable_state_dict(live)
+
+
+# ---------------------------------------------------------------------------- validation
+@torch.no_grad()
+def validate(model: LaDiC, ema: dict[str, torch.Tensor], val: FeatureSet, tc: TrainConfig, images=None) -> dict[str, Any]:
+    """Caption the val subset with the EMA weights; BLEU/METEOR/ROUGE-L/CIDEr via pycocoevalcap."""
+    from ladic.metrics import coco_metrics, java_available
+
+    live = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
+    model.load_trainable_state_dict(ema)
+    model.eval()
+    inputs = images if images is not None else val.images.float()
+    caps = model.generate(inputs, num_inference_steps=tc.val_steps, seed=tc.seed, batch_size=64).captions
+    model.load_trainable_state_dict(live)
+    model.train()
+    results = dict(zip(val.image_ids, caps))
+    out: dict[str, Any] = {"examples": caps[:3]}
+    if java_available()[0]:
+        scores = coco_metrics(results, val.references, bert_score_model=None).scores
+        out.update({k: v for k, v in scores.items() if v is not None})
+    return out
+
+
+# ---------------------------------------------------------------------------- main loop
+def train(tc: TrainConfig, resume: bool = False) -> Path:
+    """Run (or resume) training. Returns the folder of the exported EMA model (``<out_dir>/final``)."""
+    d, device = init_distributed()
+    out = Path(tc.out_dir)
+    ckpt = out / "checkpoint"
+    progress = tc.progress and d.main
+    torch.manual_seed(tc.seed)
+    model = LaDiC(preset(tc.preset, **tc.model)).to(device)
+    train_set, val_set, val_images = load_datasets(tc, model, progress)
+    if len(train_set) < tc.batch_size:
+        raise ValueError(f"batch_size {tc.batch_size} is larger than the training set ({len(train_set)} captions)")
+    if tc.batch_size % d.world:
+        raise ValueError(f"batch_size {tc.batch_size} is not divisible by the {d.world} processes")
+    stats_ids = epoch_order(len(train_set), tc.seed, -1)[: tc.stats_captions]
+    fit_stats_from_hidden(model, train_set.hidden[stats_ids], train_set.ids[stats_ids])
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(tc, s))
+    ema = {k: v.detach().clone().float() for k, v in model.trainable_state_dict().items()}
+    step = 0
+    if resume and (ckpt / "weights.safetensors").is_file():
+        model.load_trainable_state_dict(load_file(str(ckpt / "weights.safetensors")), source=str(ckpt))
+        ema = load_file(str(ckpt / "ema.safetensors"))
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = state["step"]
+        if d.main:
+            print(f"resumed from {ckpt} at step {step}")
+    ddp = DistributedDataParallel(model) if d.world > 1 else model
+    writer = None
+    if tc.tensorboard and d.main:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        writer = SummaryWriter(str(out / "tb"))
+    out.mkdir(parents=True, exist_ok=True)
+    log = (out / "log.jsonl").open("a") if d.main else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    local = tc.batch_size // d.world
+    bar = tqdm(total=tc.max_steps, initial=step, desc="train", disable=not progress)
+    model.train()
+    t0 = time.time()
+    while step < tc.max_steps:
+        idx = global_batch(len(train_set), tc.batch_size, tc.seed, step)
+        draws = model.draw_training_noise(tc.batch_size, torch.Generator().manual_seed(tc.seed * 1_000_003 + step))
+        mine = slice(d.rank * local, (d.rank + 1) * local)
+        idx = idx[mine]
+        draws = {k: v[mine] for k, v in draws.items()}
+        torch.manual_seed(tc.seed * 7_919 + step * d.world + d.rank)  # dropout
+        with autocast:
+            losses = ddp(
+                train_set.images[train_set.caption_image[idx]].to(device).float(),
+                train_set.hidden[idx].to(device), train_set.ids[idx].to(device).long(), draws,
+            )
+        loss = losses["loss"]
+        check = loss.detach().clone()
+        if step == tc.fail_at_step:
+            check.fill_(float("nan"))
+        if d.world > 1:
+            dist.all_reduce(check)
+        if not torch.isfinite(check):
+            raise TrainingDiverged(
+                f"loss is {check.item()} at step {step}; stopping. The last good checkpoint in {ckpt} is intact "
+                f"(resume with --resume, perhaps with a lower lr than {tc.lr})."
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opt.step()
+        sched.step()
+        _ema_update(ema, model.trainable_state_dict(), tc.ema_decay)
+        step += 1
+        bar.update(1)
+        if d.main and (step % tc.log_every == 0 or step == tc.max_steps):
+            rec = {"step": step, "loss": loss.item(), "latent": losses["latent"].item(), "caption": losses["caption"].item(),
+                   "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            if writer is not None:
+                for k in ("loss", "latent", "caption", "lr"):
+                    writer.add_scalar(f"train/{k}", rec[k], step)
+        if d.main and step % tc.save_every == 0:
+            save_checkpoint(ckpt, model, ema, opt, sched, step, tc)
+        if d.main and val_set is not None and tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.max_steps):
+            res = validate(model, ema, val_set, tc, val_images)
+            res["step"] = step
+            tqdm.write(f"val step {step}: " + json.dumps(res))
+            log.write(json.dumps({"val": res}) + "\n")
+            log.flush()
+            if writer is not None:
+                for k, v in res.items():
+                    if isinstance(v, float):
+                        writer.add_scalar(f"val/{k}", v, step)
+        if d.world > 1:
+            dist.barrier()
+    bar.close()
+    final = out / "final"
+    if d.main:
+        save_checkpoint(ckpt, model, ema, opt, sched, step, tc)
+        export_ema(model, ema, final)
+        log.close()
+    if d.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
+
+
+def fit_stats_from_hidden(model: LaDiC, hidden: torch.Tensor, ids: torch.Tensor) -> None:
+    """Latent mean/std (per dimension) over the real tokens of cached hidden states (N, L, D)."""
+    keep = ~model.text.special_mask(ids.long())
+    h = hidden[keep].double()
+    model.text.latent_mean.copy_(h.mean(0).float())
+    model.text.latent_std.copy_(h.std(0, unbiased=False).float())
+
+
+def lr_factor(tc: TrainConfig, step: int) -> float:
+    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to 0."""
+    warm = max(int(tc.warmup_ratio * tc.max_steps), 1)
+    return min((step + 1) / warm, max(0.0, (tc.max_steps - step) / max(tc.max_steps - warm, 1)))
+
+
+__all__ = ["TrainConfig", "TrainingDiverged", "train", "global_batch", "save_checkpoint", "export_ema", "lr_factor"]

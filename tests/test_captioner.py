@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+import torch
+
+from ladic.captioner import CheckpointError, LaDiC
+from ladic.image_io import ImageLoadError
+
+
+def test_shapes_and_dtypes(tiny_model, scenes):
+    m = tiny_model
+    feats = m.encode_images([s.image for s in scenes[:3]])
+    assert feats.shape == (3, m.image_encoder.num_tokens, m.image_encoder.dim) and feats.dtype == torch.float32
+    x0, ids = m.encode_captions(["a red circle", "a green square", "a blue star"])
+    assert x0.shape == (3, m.config.max_length, m.text.dim) and ids.dtype == torch.long
+    draws = m.draw_training_noise(3, torch.Generator().manual_seed(0))
+    losses = m.training_losses(feats, x0, ids, draws)
+    assert losses["loss"].ndim == 0 and torch.isfinite(losses["loss"])
+    assert losses["loss"].item() == pytest.approx(losses["latent"].item() + 0.2 * losses["caption"].item(), rel=1e-5)
+
+
+def test_caption_returns_strings_and_is_deterministic(tiny_model, scenes):
+    imgs = [s.image for s in scenes[:3]]
+    a = tiny_model.caption(imgs, seed=7)
+    b = tiny_model.caption(imgs, seed=7)
+    c = tiny_model.caption(imgs, seed=8)
+    assert len(a) == 3 and all(isinstance(x, str) for x in a)
+    assert a == b and a != c
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert tiny_model.caption(imgs, generator=g1) == tiny_model.caption(imgs, generator=g2)
+
+
+def test_accepts_paths_arrays_tensors(tiny_model, scenes, tmp_path):
+    p = tmp_path / "scene.png"
+    scenes[0].image.save(p)
+    arr = np.array(scenes[0].image)
+    inputs = [str(p), arr, torch.from_numpy(arr).permute(2, 0, 1).float() / 255, scenes[0].image]
+    feats = tiny_model.encode_images(inputs)
+    assert all(torch.allclose(feats[0], f, atol=1e-5) for f in feats[1:])
+    out = [tiny_model.caption(x, seed=0)[0] for x in inputs]
+    assert len(set(out)) == 1
+
+
+def test_bad_image_names_the_file(tiny_model, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(ImageLoadError, match="broken.jpg"):
+        tiny_model.caption([str(bad)])
+
+
+def test_back_and_refine_and_mbr_change_the_computation(tiny_model, scenes):
+    imgs = [s.image for s in scenes[:4]]
+    on = tiny_model.generate(imgs, seed=1, back_and_refine=True)
+    off = tiny_model.generate(imgs, seed=1, back_and_refine=False)
+    assert on.num_evaluations > off.num_evaluations
+    assert on.captions != off.captions
+    mbr = tiny_model.generate(imgs, seed=1, mbr_candidates=3)
+    assert len(mbr.candidates) == 4 and all(len(c) == 3 for c in mbr.candidates)
+    assert all(cap in cands for cap, cands in zip(mbr.captions, mbr.candidates))
+
+
+def test_infilling_keeps_given_tokens(tiny_model, scenes):
+    template = "a red ___ on the ___ of a ___"
+    for seed in range(3):
+        out = tiny_model.infill(scenes[0].image, template, seed=seed)
+        words = out.split()
+        assert len(words) >= 8, out
+        assert [words[i] for i in (0, 1, 3, 4, 6, 7)] == ["a", "red", "on", "the", "of", "a"], out
+    with pytest.raises(ValueError, match="blank"):
+        tiny_model.infill(scenes[0].image, "   ")
+    with pytest.raises(ValueError, match="blank"):
+        tiny_model.infill(scenes[0].image, "no blanks here")
+
+
+def test_length_control(tiny_model, scenes):
+    for n in (3, 6):
+        out = tiny_model.generate([s.image for s in scenes[:2]], length=n, seed=0)
+        ids = [tiny_model.text.tokenizer.encode(c, add_special_tokens=False) for c in out.captions]
+        assert all(1 <= len(i) <= n for i in ids)  # repeats collapsed, never longer
+
+
+def test_trajectory(tiny_model, scenes):
+    out = tiny_model.generate([scenes[0].image], num_inference_steps=4, back_and_refine=False, return_trajectory=True)
+    assert len(out.trajectories[0]) == 4 and out.trajectories[0][-1] == out.captions[0]
+
+
+def test_save_load_round_trip(tiny_model, scenes, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    loaded = LaDiC.from_pretrained(tmp_path / "m")
+    imgs = [s.image for s in scenes[:3]]
+    assert loaded.caption(imgs, seed=5) == tiny_model.caption(imgs, seed=5)
+    assert not list(tmp_path.glob("m/*.bin")) and not list(tmp_path.glob("m/*.pt"))
+
+
+def test_corrupt_and_mismatched_checkpoints(tiny_model, tmp_path):
+    with pytest.raises(CheckpointError, match="not a LaDiC checkpoint"):
+        LaDiC.from_pretrained(tmp_path / "nothing")
+    tiny_model.save_pretrained(tmp_path / "c")
+    (tmp_path / "c" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt weights"):
+        LaDiC.from_pretrained(tmp_path / "c")
+    tiny_model.save_pretrained(tmp_path / "d")
+    cfg = (tmp_path / "d" / "config.json").read_text().replace('"hidden_size": 128', '"hidden_size": 64')
+    (tmp_path / "d" / "config.json").write_text(cfg)
+    with pytest.raises(CheckpointError, match="do not match"):
+        LaDiC.from_pretrained(tmp_path / "d")
