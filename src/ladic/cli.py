@@ -19,9 +19,9 @@ def _quiet_transformers() -> None:
 
 
 def _load_model(path: str | None, device: str):
-    from ladic.captioner import LaDiC
+    from ladic.models import load_model
 
-    return LaDiC.from_pretrained(path, device=device)
+    return load_model(path, device=device)
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -140,14 +140,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import load_file
 
-    from ladic.captioner import LaDiC
     from ladic.config import preset
+    from ladic.models import model_class
     from ladic.train import TrainConfig
 
     _quiet_transformers()
     ckpt = Path(args.checkpoint)
     tc = TrainConfig(**json.loads((ckpt / "train_config.json").read_text()))
-    model = LaDiC(preset(tc.preset, **tc.model))
+    model = model_class(tc.model_type)(preset(tc.preset, **tc.model))
     stats = json.loads((ckpt / "latent_stats.json").read_text())
     model.text.latent_mean.copy_(torch.tensor(stats["mean"]))
     model.text.latent_std.copy_(torch.tensor(stats["std"]))
@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="caption metrics for a results file or a model on a dataset split")
     p.add_argument("--results", help="COCO results JSON [{image_id, caption}]")
-    p.add_argument("--references", help="COCO annotations or Karpathy JSON (default: Flickr8k)")
+    p.add_argument("--references", help="COCO annotations or Karpathy/BLIP JSON (default: Flickr8k)")
+    p.add_argument("--image-root", help="images of --references (when captioning)")
     p.add_argument("--split", default="val")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--length", type=int, default=None)
@@ -255,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # A bad model folder: one line, no traceback. Checked via sys.modules so the CLI never imports torch here.
+        captioner = sys.modules.get("ladic.captioner")
+        if captioner is not None and isinstance(e, captioner.CheckpointError):
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

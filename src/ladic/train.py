@@ -36,11 +36,13 @@ class TrainConfig:
     """A training run. Loaded from a JSON/TOML file and ``--set key=value`` overrides."""
 
     preset: str = "small"
+    model_type: str = "ladic"  # "ladic" or "ar" (the autoregressive baseline, ladic.baselines.ar)
     model: dict[str, Any] = field(default_factory=dict)  # LaDiCConfig overrides
     data: str = "flickr8k"  # "flickr8k", "scenes", or a Karpathy/BLIP caption JSON
     image_root: str | None = None  # images of a caption JSON
     train_split: str = "train"
     val_split: str = "val"
+    train_images: int | None = None  # use only the first N training images (short comparisons)
     num_scenes: int = 2000  # with data = "scenes"
     scene_size: int = 32
     scene_max_objects: int = 1
@@ -146,7 +148,7 @@ def load_datasets(tc: TrainConfig, model: LaDiC, progress: bool) -> tuple[Featur
             raise ValueError("image_root is required with a caption JSON")
         train_recs = load_karpathy(tc.data, tc.image_root, tc.train_split)
         val_recs = load_karpathy(tc.data, tc.image_root, tc.val_split)
-    train = build_features(model, train_recs, cache, progress=progress)
+    train = build_features(model, train_recs[: tc.train_images], cache, progress=progress)
     val = build_features(model, val_recs[: tc.val_images], cache, progress=progress) if tc.val_images else None
     return train, val, None
 
@@ -225,7 +227,9 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
     ckpt = out / "checkpoint"
     progress = tc.progress and d.main
     torch.manual_seed(tc.seed)
-    model = LaDiC(preset(tc.preset, **tc.model)).to(device)
+    from ladic.models import model_class
+
+    model = model_class(tc.model_type)(preset(tc.preset, **tc.model)).to(device)
     train_set, val_set, val_images = load_datasets(tc, model, progress)
     if len(train_set) < tc.batch_size:
         raise ValueError(f"batch_size {tc.batch_size} is larger than the training set ({len(train_set)} captions)")

@@ -1,0 +1,114 @@
+"""The demo page in a real browser: Debian's Chromium driven by Playwright (never `playwright install`).
+
+Skipped only where the playwright package or Chromium is missing (``./install.sh --test`` installs both).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+from PIL import Image
+
+CHROMIUM = os.environ.get("LADIC_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="the playwright package is not installed (pip install -c constraints.txt playwright)"
+)
+if not os.access(CHROMIUM, os.X_OK):
+    pytest.skip(f"Chromium not installed at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+
+from ladic.demo import create_app, start_in_thread  # noqa: E402
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    with start_in_thread(create_app(tiny_model, model_name="tiny test model")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def page():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            pg = browser.new_page(viewport={"width": 1280, "height": 1000})
+            pg.set_default_timeout(30_000)
+            yield pg
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    import skimage.data
+
+    path = tmp_path_factory.mktemp("photos") / "astronaut.jpg"
+    Image.fromarray(skimage.data.astronaut()).save(path, format="JPEG", quality=90)
+    return path
+
+
+def test_upload_caption_trajectory_infill_and_screenshot(server, page, photo, tmp_path):
+    failed_requests = []
+    page.on("requestfailed", lambda req: failed_requests.append(req.url))
+    page.goto(server.url + "/")
+    page.wait_for_selector("#examples button[data-example='astronaut']")
+    assert page.locator("#examples button").count() == 5
+    assert page.input_value("#steps") != ""  # controls filled from /api/config
+
+    page.set_input_files("#file", str(photo))
+    page.wait_for_selector("#caption-btn:not([disabled])")
+    page.fill("#steps", str(STEPS))
+    page.uncheck("#bnr")
+    page.fill("#mbr", "3")
+    page.fill("#samples", "2")
+    with page.expect_response("**/api/caption") as resp_info:
+        page.click("#caption-btn")
+    response = resp_info.value
+    assert response.status == 200
+    body = response.json()
+    page.wait_for_selector("#trajectory[data-done='1']")
+
+    assert page.inner_text("#caption").strip() == body["caption"] and body["caption"].strip()
+    lines = page.locator("#trajectory li.step")
+    assert lines.count() == STEPS == len(body["trajectory"])
+    for i in range(STEPS):
+        assert body["trajectory"][i] in lines.nth(i).inner_text()
+    assert page.locator("#candidates li").count() == 3
+    assert page.locator("#samples-list li").count() == 2
+    assert page.inner_text("#error").strip() == ""
+
+    page.fill("#template", "two ___ standing on a ___ field")
+    with page.expect_response("**/api/infill") as infill_info:
+        page.click("#infill-btn")
+    assert infill_info.value.status == 200
+    page.wait_for_selector("#infill-result:not(:empty)")
+    result = page.inner_text("#infill-result")
+    assert "standing" in result and "field" in result
+
+    shot = tmp_path / "demo.png"
+    page.screenshot(path=str(shot), full_page=True)
+    data = shot.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+    assert Image.open(io.BytesIO(data)).size[0] == 1280
+    assert not [u for u in failed_requests if not u.startswith(server.url)]  # nothing outside the demo
+
+
+def test_bad_upload_shows_the_error_line(server, page, tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("this is not a photo\n")
+    page.goto(server.url + "/")
+    page.wait_for_selector("#examples button")
+    page.set_input_files("#file", str(bad))
+    with page.expect_response("**/api/caption") as resp_info:
+        page.click("#caption-btn")
+    assert resp_info.value.status == 400
+    page.wait_for_selector("#error:not(:empty)")
+    assert page.inner_text("#error").strip() == "notes.jpg: not an image (cannot identify image file)"
