@@ -47,3 +47,16 @@ def test_latent_stats_normalise(tiny_model):
     # denorm inverts norm
     h = torch.randn(3, 4, ts.dim)
     assert torch.allclose(ts.denorm(ts.norm(h)), h, atol=1e-5)
+
+
+def test_frozen_halves_stay_in_eval_mode(tiny_model):
+    ts = tiny_model.text
+    ts.train()
+    try:
+        assert ts.lm_head.training
+        assert not any(m.training for m in ts.decoder_layers.modules())
+        assert not any(m.training for m in ts.encoder_layers.modules())
+        x = torch.randn(2, 5, ts.dim)
+        assert torch.equal(ts.logits(x), ts.logits(x))  # no dropout
+    finally:
+        ts.eval()

@@ -53,19 +53,19 @@ def test_lr_schedule_warmup_and_decay():
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
+    """Plain SGD makes the weight change proportional to the gradient, so equal weights = averaged gradients."""
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(_train_cmd(one, 3), check=True, env=_env(), capture_output=True)
-    r = subprocess.run(_train_cmd(two, 3, nproc=2), env=_env(), capture_output=True, text=True)
+    extra = ["optimizer=sgd", "lr=0.5", "warmup_ratio=0.01"]
+    subprocess.run(_train_cmd(one, 3, extra), check=True, env=_env(), capture_output=True)
+    r = subprocess.run(_train_cmd(two, 3, extra, nproc=2), env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     w1, w2 = _weights(one), _weights(two)
     assert w1.keys() == w2.keys()
-    init = torch.load  # noqa: F841  (weights really moved: compare with a fresh model below)
-    moved = 0
     for k in w1:
-        assert torch.allclose(w1[k], w2[k], atol=2e-5, rtol=1e-4), k
+        assert torch.allclose(w1[k], w2[k], atol=1e-6, rtol=1e-4), k
     fresh = _fresh_weights()
-    moved = sum(not torch.allclose(fresh[k], w1[k]) for k in w1)
-    assert moved > len(w1) // 2
+    moved = [k for k in w1 if not torch.allclose(fresh[k], w1[k], atol=1e-6)]
+    assert len(moved) > len(w1) // 2
     log = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in log] == [1, 2, 3]
 

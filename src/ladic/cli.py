@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-EXAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field", "immunohistochemistry")
+EXAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "hubble_deep_field", "immunohistochemistry")
 
 
 def _quiet_transformers() -> None:
@@ -45,11 +45,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 def _example_images() -> list[tuple[str, object]]:
     import skimage.data
 
-    out = []
-    for name in EXAMPLES:
-        img = getattr(skimage.data, name)()
-        out.append((name, img))
-    return out
+    return [(name, skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)())
+            for name in EXAMPLES]
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
@@ -231,13 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="latency / quality benchmarks (writes tables and plots)")
-    p.add_argument("what", nargs="*", default=["latency"], help="latency, quality, lengths, flops (default latency)")
+    p.add_argument("what", nargs="*", default=["latency"],
+                   help="latency, flops, quality, lengths, ablations, or all (= the first four; default latency)")
     p.add_argument("--model", help="LaDiC model folder (default: shipped)")
-    p.add_argument("--ar-model", help="AR baseline folder")
+    p.add_argument("--ar-model", help="AR baseline folder (without it the AR rows are skipped)")
     p.add_argument("--out-dir", default="docs/bench")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per setting (median reported)")
+    p.add_argument("--limit", type=int, default=None, help="quality/lengths/ablations: first N images of the split")
     p.add_argument("--device", default="cpu")
+    from ladic.bench import add_bench_arguments  # stdlib-only import; no torch here
+
+    add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="local web demo on 127.0.0.1")

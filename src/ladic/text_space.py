@@ -99,6 +99,13 @@ class TextSpace(nn.Module):
         self.register_buffer("latent_mean", torch.zeros(self.dim))
         self.register_buffer("latent_std", torch.ones(self.dim))
 
+    def train(self, mode: bool = True) -> "TextSpace":
+        """Only the LM head trains; the frozen BERT halves always run in eval mode (no dropout)."""
+        super().train(mode)
+        for frozen in (self.embeddings, self.encoder_layers, self.decoder_layers):
+            frozen.eval()
+        return self
+
     # ------------------------------------------------------------------ tokens
     def tokenize(self, captions: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Captions -> ``input_ids`` and ``attention_mask``, both (B, L), padded to L."""

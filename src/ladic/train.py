@@ -51,6 +51,7 @@ class TrainConfig:
     batch_size: int = 64  # global batch, split over ranks
     max_steps: int = 2000
     lr: float = 5e-4
+    optimizer: str = "adamw"  # "adamw" (paper) or "sgd" (plain SGD; used to check DDP gradient averaging)
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -239,7 +240,12 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
     fit_stats_from_hidden(model, train_set.hidden[stats_ids], train_set.ids[stats_ids])
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    if tc.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=tc.lr)
+    elif tc.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {tc.optimizer!r}; use 'adamw' or 'sgd'")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(tc, s))
     ema = {k: v.detach().clone().float() for k, v in model.trainable_state_dict().items()}
     step = 0

@@ -1,0 +1,189 @@
+"""``ladic bench`` at toy scale: the files and rows it writes (never timings)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ladic import bench
+from ladic.cli import main
+from ladic.config import preset
+from ladic.data.captions import CaptionRecord
+from ladic.metrics import java_available
+
+JAVA_OK, JAVA_INFO = java_available()
+needs_java = pytest.mark.skipif(not JAVA_OK, reason=f"Java is needed by pycocoevalcap ({JAVA_INFO})")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_header(out: Path, stem: str, subcommand: str) -> dict:
+    data = json.loads((out / f"{stem}.json").read_text())
+    meta = data["meta"]
+    assert list(data)[0] == "meta"
+    assert meta["date_utc"].endswith("UTC") and meta["machine"]["cpu"] and meta["machine"]["torch"] == torch.__version__
+    assert meta["machine"]["torch_threads"] >= 1 and meta["machine"]["logical_cores"] >= 1
+    md = (out / f"{stem}.md").read_text()
+    head = md.split("\n\n")[1]
+    assert "- command: `" in head and "- date: " in head and "- machine: " in head and "torch threads" in head
+    if (out / f"{stem}.png").exists():
+        assert (out / f"{stem}.png").read_bytes()[:8] == PNG_MAGIC
+    return data
+
+
+def test_latency_toy(tmp_path):
+    out = tmp_path / "bench"
+    rc = main(["bench", "latency", "--preset", "tiny", "--lengths", "8,12", "--batch-sizes", "1,2", "--steps", "1,5",
+               "--bnr", "on", "--beams", "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
+               "--out-dir", str(out)])
+    assert rc == 0
+    data = _check_header(out, "latency", "latency")
+    rows = data["rows"]
+    labels = ["LaDiC 1 step +B&R", "LaDiC 5 steps +B&R", "AR greedy", "AR beam 2"]
+    assert len(rows) == 2 * 2 * 2 * len(labels)
+    keys = {(r["length"], r["batch"], r["mode"], r["label"]) for r in rows}
+    assert keys == {(n, b, m, lab) for n in (8, 12) for b in (1, 2) for m in ("decoder", "e2e") for lab in labels}
+    for r in rows:
+        assert r["median_s"] > 0 and len(r["times_s"]) == 1
+        if r["system"] == "AR":
+            assert r["nfe"] == r["length"]  # forced length: no early stop
+        else:
+            assert r["nfe"] >= r["steps"] and r["guidance"] == 1.0
+    md = (out / "latency.md").read_text()
+    assert "randomly initialised" in md and "| AR beam 2 | N |" in md
+    assert md.count("## ") == 4  # (decoder, e2e) x (batch 1, 2)
+
+
+def test_ar_timing_model_runs_exactly_n_steps(tiny_model):
+    _, ar = bench.build_timing_models("tiny", 9, tiny_model.image_encoder, "cpu")
+    feats = torch.randn(2, tiny_model.image_encoder.num_tokens, tiny_model.image_encoder.dim)
+    for beams in (1, 2):
+        out = ar.generate(feats, num_beams=beams, max_new_tokens=9)
+        assert out.num_evaluations == 9
+
+
+def test_flops_toy(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "flops", "--preset", "tiny", "--flops-batch", "2", "--matmul-size", "256",
+                 "--repeats", "1", "--warmup", "0", "--out-dir", str(out)]) == 0
+    data = _check_header(out, "flops", "flops")
+    rows = {r["case"]: r for r in data["rows"]}
+    assert rows["matmul (reference)"]["flops"] == 2 * 256**3
+    assert rows["matmul (reference)"]["fraction_of_matmul"] == 1.0
+    for name in ("diffuser forward", "diffuser forward, CFG pair", "text decoder + LM head"):
+        assert rows[name]["flops"] > 0 and rows[name]["gflops_per_s"] > 0
+    assert rows["diffuser forward, CFG pair"]["flops"] > rows["diffuser forward"]["flops"]
+    assert "FlopCounterMode" in (out / "flops.md").read_text()
+
+
+def test_quality_rows_grid():
+    axes = bench.quality_rows("axes", steps=(5, 30), mbr=5, guidances=(0, 1, 2), beams=3)
+    names = [r.name for r in axes]
+    assert len(names) == len(set(names)) == 2 * 5 + 2
+    assert names[-2:] == ["AR greedy", "AR beam 3"]
+    assert axes[0].sampling == {"num_inference_steps": 5, "back_and_refine": True, "mbr_candidates": 1,
+                                "guidance_scale": 1.0, "seed": 0}
+    full = bench.quality_rows("full", steps=(5, 30), mbr=5, guidances=(0, 1, 2), ar=False)
+    assert len(full) == 2 * 2 * 2 * 3 and all(r.model == "ladic" for r in full)
+    with pytest.raises(ValueError):
+        bench.quality_rows("nope")
+
+
+def test_buckets():
+    assert bench.bucket_labels((9, 11, 13)) == ["<=9", "10-11", "12-13", ">=14"]
+    assert [bench.bucket_of(w, (9, 11, 13)) for w in (3, 9.4, 9.6, 11, 12, 13.4, 14, 30)] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+@pytest.fixture()
+def fake_split(tmp_path, scenes, monkeypatch):
+    """5 images on disk with references of 6, 10, 12, 15 and 16 words; feature cache in tmp."""
+    monkeypatch.setenv("LADIC_CACHE", str(tmp_path / "cache"))
+    words = "a small red dog runs across the green grass near a tall tree in the park today".split()
+    records = []
+    for i, n in enumerate((6, 10, 12, 15, 16)):
+        path = tmp_path / f"img{i}.png"
+        scenes[i].image.save(path)
+        caps = [" ".join(words[:n])] * 4 + [" ".join(words[1 : n + 1])]
+        records.append(CaptionRecord(f"img{i}", str(path), caps, "val"))
+    return records
+
+
+@needs_java
+def test_quality_and_lengths_tables_tiny(tmp_path, tiny_model, fake_split):
+    from ladic.baselines.ar import ARCaptioner
+
+    torch.manual_seed(0)
+    ar = ARCaptioner(preset("tiny"), image_encoder=tiny_model.image_encoder).eval()
+    models = {"ladic": tiny_model, "ar": ar}
+    rows = bench.quality_rows("axes", steps=(1,), mbr=2, guidances=(0, 1), beams=2)
+    chosen = [rows[0], next(r for r in rows if r.name == "AR greedy")]  # 2 rows: coco_metrics is slow (Java)
+    memo = bench.CaptionMemo()
+    table = bench.quality_table(models, fake_split, chosen, batch_size=4, memo=memo, log=lambda s: None)
+    assert [r["name"] for r in table] == [r.name for r in chosen]
+    for r in table:
+        assert set(r["scores"]) == set(bench.QUALITY_METRICS)
+        assert all(v is not None and v >= 0 for v in r["scores"].values())
+        assert r["images"] == 5 and r["decode_s"] >= 0
+    meta = bench.run_meta({"what": ["quality"]})
+    out = tmp_path / "bench"
+    out.mkdir()
+    bench.write_quality(table, ["toy split"], out, meta)
+    _check_header(out, "quality", "quality")
+    md = (out / "quality.md").read_text()
+    assert "| setting | BLEU-4 | METEOR | ROUGE-L | CIDEr | decode s | ms / image |" in md
+    assert "| AR greedy |" in md
+    # Rows whose model is missing are skipped.
+    assert bench.quality_table({"ladic": tiny_model, "ar": None}, fake_split, chosen[1:], memo=memo,
+                               log=lambda s: None) == []
+
+    # lengths: the same (model, sampling) pairs come from the memo; one bucket per reference length.
+    systems = [("LaDiC", tiny_model, chosen[0].sampling), ("AR greedy", ar, chosen[1].sampling)]
+    res = bench.lengths_table(systems, fake_split, (9, 11, 13), memo=memo, log=lambda s: None)
+    assert [b["images"] for b in res["buckets"]] == [1, 1, 1, 2]
+    assert [r["label"] for r in res["rows"]] == ["LaDiC", "AR greedy"]
+    for r in res["rows"]:
+        assert [p["bucket"] for p in r["buckets"]] == ["<=9", "10-11", "12-13", ">=14"]
+        assert all(p["BLEU-4"] is not None for p in r["buckets"])
+    bench.lengths_plot(res, out / "lengths.png", meta)
+    assert (out / "lengths.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_ablations_train_once_then_skip(tmp_path, tiny_model, fake_split, monkeypatch):
+    """Orchestration only: training and the metrics are stubbed (both are tested elsewhere)."""
+    import ladic.metrics
+    from ladic.captioner import LaDiC
+    from ladic.metrics import MetricsResult
+
+    trained = []
+
+    def fake_train(tc, resume=False):
+        assert resume and tc.max_steps == 3 and tc.data == "flickr8k" and tc.train_images == 2000
+        trained.append((Path(tc.out_dir).name, dict(tc.model)))
+        m = LaDiC(preset("tiny", **tc.model), image_encoder=tiny_model.image_encoder)
+        m.save_pretrained(Path(tc.out_dir) / "final")
+        (Path(tc.out_dir) / "log.jsonl").write_text(json.dumps({"step": 3, "loss": 1.5, "caption": 2.0}) + "\n")
+        return Path(tc.out_dir) / "final"
+
+    def fake_metrics(results, refs, **kw):
+        return MetricsResult(scores={m: 0.5 for m in bench.QUALITY_METRICS}, unavailable={}, settings="stub")
+
+    monkeypatch.setattr(ladic.metrics, "coco_metrics", fake_metrics)
+    monkeypatch.setattr(bench, "_require_java", lambda: None)
+    kw = dict(preset_name="tiny", max_steps=3, eval_steps=1, caption_batch=5, train_fn=fake_train, log=lambda s: None)
+    res = bench.run_ablations(fake_split[:2], tmp_path / "abl", **kw)
+    assert [n for n, _ in trained] == ["full", "no_caption_loss", "no_norm_reassign", "prepend_image"]
+    assert trained[3][1] == {"image_conditioning": "prepend"}
+    rows = {r["name"]: r for r in res["rows"]}
+    assert list(rows) == [a.name for a in bench.ABLATIONS]
+    assert rows["no_back_and_refine"]["trained_as"] == "full"
+    assert rows["no_back_and_refine"]["sampling"]["back_and_refine"] is False
+    assert rows["full"]["final_train_loss"] == 1.5
+    trained.clear()
+    res = bench.run_ablations(fake_split[:2], tmp_path / "abl", **kw)
+    assert trained == [] and all(r["skipped_training"] for r in res["rows"])
+    md = bench.ablations_markdown(res, ["toy"], bench.run_meta({}))
+    assert "| full model |" in md and "Back&Refine off" in md
+
+
+def test_bad_subcommand():
+    assert main(["bench", "nope"]) == 2
