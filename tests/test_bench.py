@@ -17,7 +17,7 @@ needs_java = pytest.mark.skipif(not JAVA_OK, reason=f"Java is needed by pycocoev
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _check_header(out: Path, stem: str, subcommand: str) -> dict:
+def _check_header(out: Path, stem: str) -> dict:
     data = json.loads((out / f"{stem}.json").read_text())
     meta = data["meta"]
     assert list(data)[0] == "meta"
@@ -37,7 +37,7 @@ def test_latency_toy(tmp_path):
                "--bnr", "on", "--beams", "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
                "--out-dir", str(out)])
     assert rc == 0
-    data = _check_header(out, "latency", "latency")
+    data = _check_header(out, "latency")
     rows = data["rows"]
     labels = ["LaDiC 1 step +B&R", "LaDiC 5 steps +B&R", "AR greedy", "AR beam 2"]
     assert len(rows) == 2 * 2 * 2 * len(labels)
@@ -66,7 +66,7 @@ def test_flops_toy(tmp_path):
     out = tmp_path / "bench"
     assert main(["bench", "flops", "--preset", "tiny", "--flops-batch", "2", "--matmul-size", "256",
                  "--repeats", "1", "--warmup", "0", "--out-dir", str(out)]) == 0
-    data = _check_header(out, "flops", "flops")
+    data = _check_header(out, "flops")
     rows = {r["case"]: r for r in data["rows"]}
     assert rows["matmul (reference)"]["flops"] == 2 * 256**3
     assert rows["matmul (reference)"]["fraction_of_matmul"] == 1.0
@@ -128,7 +128,7 @@ def test_quality_and_lengths_tables_tiny(tmp_path, tiny_model, fake_split):
     out = tmp_path / "bench"
     out.mkdir()
     bench.write_quality(table, ["toy split"], out, meta)
-    _check_header(out, "quality", "quality")
+    _check_header(out, "quality")
     md = (out / "quality.md").read_text()
     assert "| setting | BLEU-4 | METEOR | ROUGE-L | CIDEr | decode s | ms / image |" in md
     assert "| AR greedy |" in md

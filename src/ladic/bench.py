@@ -472,7 +472,7 @@ def ladic_sampling(steps: int = 5, back_and_refine: bool = True, mbr: int = 1, g
 
 
 def _ladic_row(steps: int, bnr: bool, mbr: int, w: float) -> QualityRow:
-    name = f"LaDiC {steps} steps, {'B&R' if bnr else 'no B&R'}, {'MBR ' + str(mbr) if mbr > 1 else 'no MBR'}, w={w:g}"
+    name = f"LaDiC {steps} step{'s' if steps != 1 else ''}, {'B&R' if bnr else 'no B&R'}, {'MBR ' + str(mbr) if mbr > 1 else 'no MBR'}, w={w:g}"
     return QualityRow(name, "ladic", ladic_sampling(steps, bnr, mbr, w))
 
 
@@ -549,7 +549,7 @@ def quality_table(
                     "scores": scores, "decode_s": seconds, "ms_per_image": 1e3 * seconds / max(len(records), 1),
                     "examples": [results[r.image_id] for r in records[:3]]})
         log(f"quality {row.name:45s} " + " ".join(f"{m}={fmt_score(v)}" for m, v in scores.items())
-            + f" decode {seconds:.1f} s")
+            + f" decode {seconds:.2f} s")
     return out
 
 
@@ -559,7 +559,7 @@ def quality_markdown(rows: list[dict[str, Any]], notes: list[str], meta: dict[st
     parts += [f"- {n}" for n in notes] + [""]
     metrics = list(rows[0]["scores"]) if rows else list(QUALITY_METRICS)
     table = [[r["name"]] + [fmt_score(r["scores"][m]) for m in metrics]
-             + [f"{r['decode_s']:.1f}", f"{r['ms_per_image']:.1f}"] for r in rows]
+             + [f"{r['decode_s']:.2f}", f"{r['ms_per_image']:.1f}"] for r in rows]
     parts += [md_table(["setting"] + metrics + ["decode s", "ms / image"], table), ""]
     return "\n".join(parts)
 
@@ -783,7 +783,7 @@ def ablations_markdown(result: dict[str, Any], notes: list[str], meta: dict[str,
     parts = [markdown_header("LaDiC benchmark: ablations (paper Table 5, short CPU budget)", meta)]
     parts += [f"- {n}" for n in notes] + [""]
     table = [[r["description"]] + [fmt_score(r["scores"][m]) for m in QUALITY_METRICS]
-             + ["-" if r["final_train_loss"] is None else f"{r['final_train_loss']:.3f}", f"{r['decode_s']:.1f}"]
+             + ["-" if r["final_train_loss"] is None else f"{r['final_train_loss']:.3f}", f"{r['decode_s']:.2f}"]
              for r in result["rows"]]
     parts += [md_table(["variant"] + list(QUALITY_METRICS) + ["final train loss", "decode s"], table), ""]
     return "\n".join(parts)
@@ -887,7 +887,7 @@ class _Session:
     def data_notes(self) -> list[str]:
         a = self.args
         n = len(self.records())
-        notes = [f"Data: Flickr8k {a.split}, {'first ' + str(n) if a.limit else 'all'} {n} images, 5 references each."]
+        notes = [f"Data: Flickr8k {a.split}, {'the first ' if a.limit else 'all '}{n} images, 5 references each."]
         notes.append(f"LaDiC model: {a.model or 'shipped default'}; AR model: {a.ar_model or 'none given (AR rows skipped)'}.")
         return notes
 

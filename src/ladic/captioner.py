@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ladic import __version__
+from ladic.checkpoint import CONFIG_NAME, WEIGHTS_NAME, Captioner, CheckpointError
 from ladic.config import LaDiCConfig
 from ladic.diffuser import Diffuser
 from ladic.diffusion import GaussianDiffusion
 from ladic.image_encoders import ImageEncoder, build_image_encoder
-from ladic.image_io import ImageInput, ImageLoadError, load_image
+from ladic.image_io import ImageInput, ImageLoadError
 from ladic.sampling import SampleResult, ddim_sample_loop, guided_denoiser, mbr_select
 from ladic.text_space import TextSpace
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 BLANK_MARKERS = ("[MASK]", "[mask]")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing, corrupt, or does not match its config."""
 
 
 @dataclass
@@ -49,7 +41,7 @@ def is_blank(word: str) -> bool:
     return word in BLANK_MARKERS or (len(word) >= 2 and set(word) == {"_"})
 
 
-class LaDiC(nn.Module):
+class LaDiC(Captioner):
     """Latent diffusion captioner (Wang, Ren et al., NAACL 2024)."""
 
     def __init__(self, config: LaDiCConfig, image_encoder: ImageEncoder | None = None) -> None:
@@ -64,71 +56,15 @@ class LaDiC(nn.Module):
         self.diffuser = Diffuser(config, self.text.dim, self.image_encoder.dim, self.image_encoder.num_tokens)
         self.diffusion = GaussianDiffusion(config.num_train_timesteps, config.beta_schedule, config.noise_factor)
 
-    @property
-    def device(self) -> torch.device:
-        return self.text.latent_mean.device
-
-    # ------------------------------------------------------------------ persistence
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores: diffuser, LM head, and the image encoder only when it is not pretrained."""
-        sd = {f"diffuser.{k}": v for k, v in self.diffuser.state_dict().items()}
-        sd.update({f"text.lm_head.{k}": v for k, v in self.text.trainable_state_dict().items()})
-        if not self.image_encoder.pretrained:
-            sd.update({f"image_encoder.{k}": v for k, v in self.image_encoder.state_dict().items()})
-        return sd
-
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        """Write ``config.json`` (config, latent statistics, backbone references) and ``model.safetensors``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-              for k, v in self.trainable_state_dict().items()}
-        save_file(sd, str(path / WEIGHTS_NAME), metadata={"format": "pt", "ladic_version": __version__})
-        meta = {
-            "ladic_version": __version__,
-            "config": self.config.to_dict(),
-            "latent_stats": {"mean": self.text.latent_mean.tolist(), "std": self.text.latent_std.tolist()},
-        }
-        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=1))
+    def core_modules(self) -> dict[str, nn.Module]:
+        return {"diffuser": self.diffuser}
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> "LaDiC":
         """Load a folder written by ``save_pretrained``; ``None`` loads the shipped default model."""
-        path = Path(path) if path is not None else default_model_path()
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise CheckpointError(f"{path}: not a LaDiC checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        try:
-            meta = json.loads((path / CONFIG_NAME).read_text())
-            config = LaDiCConfig.from_dict(meta["config"])
-            stats = meta["latent_stats"]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path / CONFIG_NAME}: corrupt or incompatible config ({e})") from e
-        try:
-            sd = load_file(str(path / WEIGHTS_NAME))
-        except Exception as e:  # safetensors raises several error types for damaged files
-            raise CheckpointError(f"{path / WEIGHTS_NAME}: corrupt weights file ({e})") from e
-        model = cls(config)
-        model.load_trainable_state_dict(sd, source=str(path))
-        model.text.latent_mean.copy_(torch.tensor(stats["mean"]))
-        model.text.latent_std.copy_(torch.tensor(stats["std"]))
-        return model.to(device).eval()
-
-    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """Load what ``trainable_state_dict`` returns, with a clear error on any mismatch."""
-        own = self.trainable_state_dict()
-        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
-        if missing or unexpected or wrong:
-            parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
-                     f"shape mismatch {wrong[:3]}" if wrong else ""]
-            raise CheckpointError(f"{source}: weights do not match the config ({'; '.join(p for p in parts if p)})")
-        self.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+        return cls._from_folder(Path(path) if path is not None else default_model_path(), device)
 
     # ------------------------------------------------------------------ encoders
-    def load_images(self, images: Sequence[ImageInput]) -> list:
-        """Any supported inputs -> RGB PIL images; raises ``ImageLoadError`` naming the first bad one."""
-        return [load_image(im) for im in images]
-
     @torch.no_grad()
     def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Images -> image tokens v: (B, N_img, D_img). The encoder runs once per image."""
@@ -326,4 +262,4 @@ class LaDiC(nn.Module):
         return self.generate([image], template=template, **kwargs).captions[0]
 
 
-__all__ = ["LaDiC", "CaptionOutput", "CheckpointError", "ImageLoadError", "default_model_path"]
+__all__ = ["LaDiC", "CaptionOutput", "CheckpointError", "ImageLoadError", "default_model_path", "CONFIG_NAME", "WEIGHTS_NAME"]

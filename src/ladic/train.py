@@ -46,6 +46,7 @@ class TrainConfig:
     num_scenes: int = 2000  # with data = "scenes"
     scene_size: int = 32
     scene_max_objects: int = 1
+    scene_captions: int = 0  # paraphrases used per scene (0 = all; 1 = the canonical one)
     out_dir: str = "runs/ladic"
     cache_dir: str | None = None  # default: $LADIC_CACHE or ~/.cache/ladic/features
     batch_size: int = 64  # global batch, split over ranks
@@ -135,7 +136,8 @@ def load_datasets(tc: TrainConfig, model: LaDiC, progress: bool) -> tuple[Featur
         from ladic.data.captions import CaptionRecord
 
         def records(scenes, prefix):
-            return [CaptionRecord(f"{prefix}{i}", "", s.captions, prefix) for i, s in enumerate(scenes)]
+            n = tc.scene_captions or None
+            return [CaptionRecord(f"{prefix}{i}", "", s.captions[:n], prefix) for i, s in enumerate(scenes)]
 
         tr = make_scenes(tc.num_scenes, seed=tc.seed, size=tc.scene_size, max_objects=tc.scene_max_objects)
         va = make_scenes(max(tc.val_images, 1), seed=tc.seed + 10_000, size=tc.scene_size, max_objects=tc.scene_max_objects)

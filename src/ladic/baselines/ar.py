@@ -27,23 +27,21 @@ keys/values are computed once per image (and shared by its beams).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ladic import __version__
-from ladic.captioner import CONFIG_NAME, WEIGHTS_NAME, CaptionOutput, CheckpointError
+from ladic.captioner import CaptionOutput
+from ladic.checkpoint import Captioner
 from ladic.config import LaDiCConfig
 from ladic.diffuser import KV, Attention, Block
 from ladic.image_encoders import ImageEncoder, build_image_encoder
-from ladic.image_io import ImageInput, load_image
+from ladic.image_io import ImageInput
 from ladic.text_space import TextSpace
 
 MODEL_TYPE = "ar"
@@ -160,7 +158,7 @@ def _reorder(kvs: list[KV], index: torch.Tensor) -> list[KV]:
     return [(k.index_select(0, index), v.index_select(0, index)) for k, v in kvs]
 
 
-class ARCaptioner(nn.Module):
+class ARCaptioner(Captioner):
     """Autoregressive captioner with LaDiC's image encoder, tokenizer and sizes (see the module docstring)."""
 
     model_type = MODEL_TYPE
@@ -183,82 +181,20 @@ class ARCaptioner(nn.Module):
         banned[[i for i in tok.all_special_ids if i != self.eos_id]] = True
         self.register_buffer("banned", banned, persistent=False)  # never generated: [CLS], [PAD], [MASK], [UNK]
 
-    @property
-    def device(self) -> torch.device:
-        return self.text.latent_mean.device
-
     def num_trainable_parameters(self, include_image_encoder: bool = False) -> int:
         """Trainable parameters of the decoder and LM head (and of the image encoder if asked and trainable)."""
         mods = [self.decoder, self.text.lm_head] + ([self.image_encoder] if include_image_encoder else [])
         return sum(p.numel() for m in mods for p in m.parameters() if p.requires_grad)
 
-    # ------------------------------------------------------------------ persistence
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Decoder, LM head, and the image encoder only when it is not pretrained."""
-        sd = {f"decoder.{k}": v for k, v in self.decoder.state_dict().items()}
-        sd.update({f"text.lm_head.{k}": v for k, v in self.text.trainable_state_dict().items()})
-        if not self.image_encoder.pretrained:
-            sd.update({f"image_encoder.{k}": v for k, v in self.image_encoder.state_dict().items()})
-        return sd
-
-    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """Load what ``trainable_state_dict`` returns, with a clear error on any mismatch."""
-        own = self.trainable_state_dict()
-        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
-        if missing or unexpected or wrong:
-            parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
-                     f"shape mismatch {wrong[:3]}" if wrong else ""]
-            raise CheckpointError(f"{source}: weights do not match the AR config ({'; '.join(p for p in parts if p)})")
-        self.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
-
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
-        """Write ``config.json`` (``"model_type": "ar"``, the config) and ``model.safetensors``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-              for k, v in self.trainable_state_dict().items()}
-        save_file(sd, str(path / WEIGHTS_NAME), metadata={"format": "pt", "ladic_version": __version__, "model_type": MODEL_TYPE})
-        meta = {
-            "model_type": MODEL_TYPE,
-            "ladic_version": __version__,
-            "config": self.config.to_dict(),
-            # Unused by this model; kept so that tools reading LaDiC folders find the same keys.
-            "latent_stats": {"mean": self.text.latent_mean.tolist(), "std": self.text.latent_std.tolist()},
-        }
-        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=1))
+    def core_modules(self) -> dict[str, nn.Module]:
+        return {"decoder": self.decoder}
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "ARCaptioner":
         """Load a folder written by ``save_pretrained``."""
-        path = Path(path)
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise CheckpointError(f"{path}: not a model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        try:
-            meta = json.loads((path / CONFIG_NAME).read_text())
-            kind = meta.get("model_type", "ladic")
-            config = LaDiCConfig.from_dict(meta["config"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"{path / CONFIG_NAME}: corrupt or incompatible config ({e})") from e
-        if kind != MODEL_TYPE:
-            raise CheckpointError(f"{path}: model_type is {kind!r}, not {MODEL_TYPE!r} (use ladic.models.load_model)")
-        try:
-            sd = load_file(str(path / WEIGHTS_NAME))
-        except Exception as e:  # safetensors raises several error types for damaged files
-            raise CheckpointError(f"{path / WEIGHTS_NAME}: corrupt weights file ({e})") from e
-        model = cls(config)
-        model.load_trainable_state_dict(sd, source=str(path))
-        stats = meta.get("latent_stats")
-        if stats:
-            model.text.latent_mean.copy_(torch.tensor(stats["mean"]))
-            model.text.latent_std.copy_(torch.tensor(stats["std"]))
-        return model.to(device).eval()
+        return cls._from_folder(Path(path), device)
 
     # ------------------------------------------------------------------ encoders
-    def load_images(self, images: Sequence[ImageInput]) -> list:
-        return [load_image(im) for im in images]
-
-    @torch.no_grad()
     def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Images -> image tokens (B, N_img, D_img)."""
         return self.image_encoder.encode(self.load_images(images)).to(self.device)

@@ -1,0 +1,107 @@
+"""Saving and loading captioners: ``config.json`` + ``model.safetensors`` (no pickles).
+
+Both the LaDiC model and the autoregressive baseline share a text space (tokenizer, frozen BERT,
+trainable LM head) and an image encoder; only their trainable core differs. ``Captioner`` holds what
+they share: which weights a checkpoint stores, and how a folder is written and read back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ladic import __version__
+from ladic.config import LaDiCConfig
+from ladic.image_io import ImageInput, load_image
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+C = TypeVar("C", bound="Captioner")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, corrupt, or does not match its config."""
+
+
+class Captioner(nn.Module):
+    """Base of the captioners: subclasses set ``model_type``, build ``text`` / ``image_encoder`` and
+    name their trainable core in ``core_modules``."""
+
+    model_type: str = "ladic"
+    config: LaDiCConfig
+
+    def core_modules(self) -> dict[str, nn.Module]:
+        """Prefix -> module of the model's own trainable network (e.g. ``{"diffuser": ...}``)."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.text.latent_mean.device
+
+    def load_images(self, images: Sequence[ImageInput]) -> list:
+        """Any supported inputs -> RGB PIL images; raises ``ImageLoadError`` naming the first bad one."""
+        return [load_image(im) for im in images]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: the core, the LM head, and the image encoder only when it is not pretrained."""
+        sd = {f"{name}.{k}": v for name, mod in self.core_modules().items() for k, v in mod.state_dict().items()}
+        sd.update({f"text.lm_head.{k}": v for k, v in self.text.trainable_state_dict().items()})
+        if not self.image_encoder.pretrained:
+            sd.update({f"image_encoder.{k}": v for k, v in self.image_encoder.state_dict().items()})
+        return sd
+
+    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Load what ``trainable_state_dict`` returns, with a clear error on any mismatch."""
+        own = self.trainable_state_dict()
+        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+        if missing or unexpected or wrong:
+            parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+                     f"shape mismatch {wrong[:3]}" if wrong else ""]
+            raise CheckpointError(f"{source}: weights do not match the config ({'; '.join(p for p in parts if p)})")
+        self.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write ``config.json`` (model type, config, latent statistics, backbone references) and ``model.safetensors``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+              for k, v in self.trainable_state_dict().items()}
+        save_file(sd, str(path / WEIGHTS_NAME), metadata={"format": "pt", "ladic_version": __version__, "model_type": self.model_type})
+        meta = {
+            "model_type": self.model_type,
+            "ladic_version": __version__,
+            "config": self.config.to_dict(),
+            "latent_stats": {"mean": self.text.latent_mean.tolist(), "std": self.text.latent_std.tolist()},
+        }
+        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def _from_folder(cls: type[C], path: Path, device: str | torch.device) -> C:
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise CheckpointError(f"{path}: not a LaDiC checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        try:
+            meta = json.loads((path / CONFIG_NAME).read_text())
+            kind = meta.get("model_type", "ladic")
+            config = LaDiCConfig.from_dict(meta["config"])
+            stats = meta["latent_stats"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path / CONFIG_NAME}: corrupt or incompatible config ({e})") from e
+        if kind != cls.model_type:
+            raise CheckpointError(f"{path}: model_type is {kind!r}, not {cls.model_type!r} (use ladic.models.load_model)")
+        try:
+            sd = load_file(str(path / WEIGHTS_NAME))
+        except Exception as e:  # safetensors raises several error types for damaged files
+            raise CheckpointError(f"{path / WEIGHTS_NAME}: corrupt weights file ({e})") from e
+        model = cls(config)
+        model.load_trainable_state_dict(sd, source=str(path))
+        model.text.latent_mean.copy_(torch.tensor(stats["mean"]))
+        model.text.latent_std.copy_(torch.tensor(stats["std"]))
+        return model.to(device).eval()
