@@ -15,7 +15,7 @@ from ladic.image_encoders import (
 )
 
 BUILTIN = ["tiny", "efficientnet-lite0", "dinov2-s"]
-EXPECTED_SHAPES = {"tiny": (16, 64), "efficientnet-lite0": (49, 1280), "dinov2-s": (257, 384)}
+EXPECTED_SHAPES = {"tiny": (64, 64), "efficientnet-lite0": (49, 1280), "dinov2-s": (257, 384)}
 
 
 def sample_images() -> list[Image.Image]:

@@ -113,10 +113,10 @@ class ImageEncoder(nn.Module):
 
 
 class TinyImageEncoder(ImageEncoder):
-    """Random conv net for tests: 32 x 32 -> 4 x 4 grid -> (B, 16, 64). Deterministic given ``seed``."""
+    """Random conv net for tests: 64 x 64 -> 8 x 8 grid -> (B, 64, 64). Deterministic given ``seed``."""
 
     pretrained = False
-    image_size = 32
+    image_size = 64
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
 
@@ -125,12 +125,14 @@ class TinyImageEncoder(ImageEncoder):
         self.name, self.dim, self.num_tokens = "tiny", dim, (self.image_size // 8) ** 2
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.conv1 = nn.Conv2d(3, dim // 2, kernel_size=4, stride=4)  # 32 -> 8
-            self.conv2 = nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1)  # 8 -> 4
+            self.conv1 = nn.Conv2d(3, dim // 4, kernel_size=3, stride=2, padding=1)  # 64 -> 32
+            self.conv2 = nn.Conv2d(dim // 4, dim // 2, kernel_size=3, stride=2, padding=1)  # 32 -> 16
+            self.conv3 = nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1)  # 16 -> 8
             self.norm = nn.LayerNorm(dim)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.conv2(nn.functional.gelu(self.conv1(pixel_values)))  # (B, D, 4, 4)
+        gelu = nn.functional.gelu
+        x = self.conv3(gelu(self.conv2(gelu(self.conv1(pixel_values)))))  # (B, D, 8, 8)
         return self.norm(x.flatten(2).transpose(1, 2))
 
 
