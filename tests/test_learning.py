@@ -9,6 +9,7 @@ from ladic import LaDiC
 from ladic.data.scenes import COLOURS, SHAPES, make_scenes
 from ladic.train import TrainConfig, train
 
+
 def test_tiny_model_learns_colour_and_shape(tmp_path):
     tc = TrainConfig.load(None, [
         "preset=tiny", "data=scenes", "num_scenes=800", "scene_size=64", "scene_max_objects=1", "scene_captions=1",
