@@ -103,3 +103,12 @@ def test_corrupt_and_mismatched_checkpoints(tiny_model, tmp_path):
     (tmp_path / "d" / "config.json").write_text(cfg)
     with pytest.raises(CheckpointError, match="do not match"):
         LaDiC.from_pretrained(tmp_path / "d")
+
+
+def test_errors_skip_keeps_good_items(tiny_model, scenes, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tiny_model.generate([scenes[0].image, str(bad), scenes[1].image], seed=0, errors="skip")
+    assert out.captions[1] is None and isinstance(out.captions[0], str) and isinstance(out.captions[2], str)
+    assert list(out.errors) == [1] and "broken.jpg" in str(out.errors[1])
+    assert out.captions[0] == tiny_model.generate([scenes[0].image, scenes[1].image], seed=0).captions[0]

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from ladic.checkpoint import CONFIG_NAME, WEIGHTS_NAME, Captioner, CheckpointError
 from ladic.config import LaDiCConfig
 from ladic.diffuser import Diffuser
 from ladic.diffusion import GaussianDiffusion
 from ladic.image_encoders import ImageEncoder, build_image_encoder
-from ladic.image_io import ImageInput, ImageLoadError
+from ladic.image_io import ImageInput, ImageLoadError, load_images
 from ladic.sampling import SampleResult, ddim_sample_loop, guided_denoiser, mbr_select
 from ladic.text_space import TextSpace
 
@@ -30,6 +31,7 @@ class CaptionOutput:
     trajectories: list[list[str]] | None = None  # per image, the decoded caption after every denoising iteration
     candidates: list[list[str]] | None = None  # per image, the MBR candidates
     num_evaluations: int = 0
+    errors: dict[int, ImageLoadError] = field(default_factory=dict)  # with errors="skip": input index -> why (caption None)
 
 
 def default_model_path() -> Path:
@@ -186,9 +188,17 @@ class LaDiC(Captioner):
         batch_size: int = 32,
         return_trajectory: bool = False,
         progress: bool = False,
+        errors: str = "raise",
     ) -> CaptionOutput:
         """Caption images. ``images`` are PIL images, paths, arrays/tensors, or precomputed image tokens
-        (a float tensor (B, N_img, D_img)). See ``caption`` for the arguments."""
+        (a float tensor (B, N_img, D_img)). See ``caption`` for the arguments.
+
+        ``errors="raise"`` raises ``ImageLoadError`` for the first bad input before any work;
+        ``errors="skip"`` captions the good inputs and reports the bad ones in ``CaptionOutput.errors``
+        (their caption, candidates and trajectory are ``None``).
+        """
+        if errors not in ("raise", "skip"):
+            raise ValueError("errors must be 'raise' or 'skip'")
         cfg = self.config
         steps = num_inference_steps or cfg.num_inference_steps
         w = cfg.guidance_scale if guidance_scale is None else guidance_scale
@@ -198,12 +208,19 @@ class LaDiC(Captioner):
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else seed)
         is_feats = isinstance(images, torch.Tensor) and images.ndim == 3 and images.shape[-1] == self.image_encoder.dim
-        pil = None if is_feats else self.load_images(images)  # validate everything before any work
-        n = len(images)
         out = CaptionOutput(captions=[], trajectories=[] if return_trajectory else None,
                             candidates=[] if mbr_candidates > 1 else None)
+        pil = None
+        if not is_feats and errors == "raise":
+            pil = self.load_images(images)  # validate everything before any work
+        elif not is_feats:
+            loaded = load_images(images)
+            out.errors = {i: e for i, e in enumerate(loaded) if isinstance(e, ImageLoadError)}
+            pil = [im for im in loaded if not isinstance(im, ImageLoadError)]
+        n = len(images) if pil is None else len(pil)
         k = mbr_candidates
-        for start in range(0, n, batch_size):
+        infill = self.infill_template(template) if template is not None and length is None else None
+        for start in tqdm(range(0, n, batch_size), desc="captioning", disable=not progress or n <= batch_size):
             feats = images[start : start + batch_size].to(self.device) if is_feats else \
                 self.image_encoder.encode(pil[start : start + batch_size]).to(self.device)
             feats = feats.repeat_interleave(k, dim=0)
@@ -211,8 +228,8 @@ class LaDiC(Captioner):
             fixed = x_fixed = given = None
             if length is not None:
                 fixed, x_fixed, given = self.length_template(b, length)
-            elif template is not None:
-                fixed, x_fixed, given = (z.expand(b, *z.shape[1:]) for z in self.infill_template(template))
+            elif infill is not None:
+                fixed, x_fixed, given = (z.expand(b, *z.shape[1:]) for z in infill)
             traj: list[list[str]] = []
             callback = None
             if return_trajectory:
@@ -223,7 +240,8 @@ class LaDiC(Captioner):
                 guided_denoiser(self.diffuser, ctx, w), self.diffusion, (b, cfg.max_length, self.text.dim),
                 num_inference_steps=steps, generator=generator, device=self.device,
                 fixed_x0=x_fixed, fixed_mask=fixed, back_and_refine=bnr, refine_time=cfg.refine_time,
-                refine_keep=cfg.refine_keep, confidence_fn=self._confidence, callback=callback, progress=progress,
+                refine_keep=cfg.refine_keep, confidence_fn=self._confidence, callback=callback,
+                progress=progress and n <= batch_size,
             )
             out.num_evaluations += res.num_evaluations
             texts = self.text.ids_to_text(self._decode_ids(res.x0, None if fixed is None else ~fixed, given))
@@ -235,6 +253,10 @@ class LaDiC(Captioner):
                     out.candidates.append(group)
                 if out.trajectories is not None:
                     out.trajectories.append([step[j + best] for step in traj])
+        for i in sorted(out.errors):  # put the failed inputs back in their places
+            for items in (out.captions, out.candidates, out.trajectories):
+                if items is not None:
+                    items.insert(i, None)
         return out
 
     def caption(self, images: Sequence[ImageInput] | ImageInput, **kwargs) -> list[str]:
