@@ -112,3 +112,11 @@ def test_errors_skip_keeps_good_items(tiny_model, scenes, tmp_path):
     assert out.captions[1] is None and isinstance(out.captions[0], str) and isinstance(out.captions[2], str)
     assert list(out.errors) == [1] and "broken.jpg" in str(out.errors[1])
     assert out.captions[0] == tiny_model.generate([scenes[0].image, scenes[1].image], seed=0).captions[0]
+
+
+def test_caption_accepts_feature_and_batch_tensors(tiny_model, scenes):
+    imgs = [s.image for s in scenes[:3]]
+    feats = tiny_model.encode_images(imgs)
+    assert tiny_model.caption(feats, seed=2) == tiny_model.caption(imgs, seed=2)
+    batch = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in imgs])
+    assert len(tiny_model.caption(batch, seed=2)) == 3

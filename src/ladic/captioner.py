@@ -263,7 +263,8 @@ class LaDiC(Captioner):
         """Caption one image or a list of images.
 
         Args:
-            images: PIL images, file paths, bytes, numpy arrays or tensors (H, W, C / C, H, W), or a list of them.
+            images: PIL images, file paths, bytes, numpy arrays or tensors (H, W, C / C, H, W), a list of them,
+                a batch tensor (B, C, H, W), or precomputed image tokens (B, N_img, D_img).
             num_inference_steps: denoising iterations (default from config, 5).
             guidance_scale: w of classifier-free guidance (default 1.0; 0 disables the unconditional branch).
             back_and_refine: roll back low-confidence tokens at t = T/2 and refine (default on).
@@ -275,7 +276,10 @@ class LaDiC(Captioner):
         Returns:
             one caption per image. Raises ``ImageLoadError`` naming the bad input (nothing is captioned then).
         """
-        if isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence):
+        if isinstance(images, torch.Tensor):
+            is_feats = images.ndim == 3 and images.shape[-1] == self.image_encoder.dim
+            images = images if is_feats else list(images) if images.ndim == 4 else [images]
+        elif isinstance(images, (str, Path, bytes)) or not isinstance(images, Sequence):
             images = [images]
         return self.generate(images, **kwargs).captions
 

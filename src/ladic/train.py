@@ -168,7 +168,10 @@ def global_batch(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def _ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], decay: float) -> None:
+def _ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], decay: float, step: int) -> None:
+    """EMA with warm-up: the decay grows as (1 + step) / (10 + step) up to ``decay``, so that a short run's
+    average is not dominated by the random initialisation (0.999 ** 1000 = 0.37)."""
+    decay = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
         for k, v in params.items():
             ema[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
@@ -301,7 +304,7 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
         torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
         sched.step()
-        _ema_update(ema, model.trainable_state_dict(), tc.ema_decay)
+        _ema_update(ema, model.trainable_state_dict(), tc.ema_decay, step)
         step += 1
         bar.update(1)
         if d.main and (step % tc.log_every == 0 or step == tc.max_steps):
