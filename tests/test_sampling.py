@@ -75,3 +75,22 @@ def test_mbr_picks_consensus():
     assert mbr_select(["only one"]) == 0
     assert token_f1("a b c".split(), "a b c".split()) == 1.0
     assert token_f1("a b".split(), "c d".split()) == 0.0
+
+
+def test_clamp_is_applied_before_every_update_but_not_to_the_result():
+    d = GaussianDiffusion(1000)
+    calls = []
+
+    def clamp(x0):
+        calls.append(1)
+        return torch.zeros_like(x0)
+
+    res = ddim_sample_loop(lambda x, t, sc: torch.ones_like(x), d, (1, 4, 2), num_inference_steps=5, clamp_fn=clamp)
+    assert len(calls) == 4 and torch.equal(res.x0, torch.ones(1, 4, 2))
+
+
+def test_clamp_option_changes_captions(tiny_model, scenes):
+    imgs = [s.image for s in scenes[:3]]
+    a = tiny_model.generate(imgs, seed=0, clamp=True, back_and_refine=False)
+    b = tiny_model.generate(imgs, seed=0, clamp=False, back_and_refine=False)
+    assert a.num_evaluations == b.num_evaluations and a.captions != b.captions

@@ -127,6 +127,11 @@ class LaDiC(Captioner):
     def _confidence(self, x0: torch.Tensor) -> torch.Tensor:
         return self.text.logits(x0).softmax(-1).amax(-1)
 
+    def _clamp(self, x0: torch.Tensor) -> torch.Tensor:
+        """Snap a latent estimate to the regularised latents of its argmax tokens (all positions attended)."""
+        ids = self.text.logits(x0).argmax(-1)
+        return self.text.latents_from_ids(ids, torch.ones_like(ids))
+
     def _decode_ids(self, x0: torch.Tensor, free: torch.Tensor | None = None, given_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Latent (B, L, D) -> ids (B, L). ``free`` positions take whole words only; given ids are forced."""
         logits = self.text.logits(x0)
@@ -189,6 +194,7 @@ class LaDiC(Captioner):
         return_trajectory: bool = False,
         progress: bool = False,
         errors: str = "raise",
+        clamp: bool | None = None,
     ) -> CaptionOutput:
         """Caption images. ``images`` are PIL images, paths, arrays/tensors, or precomputed image tokens
         (a float tensor (B, N_img, D_img)). See ``caption`` for the arguments.
@@ -241,6 +247,7 @@ class LaDiC(Captioner):
                 num_inference_steps=steps, generator=generator, device=self.device,
                 fixed_x0=x_fixed, fixed_mask=fixed, back_and_refine=bnr, refine_time=cfg.refine_time,
                 refine_keep=cfg.refine_keep, confidence_fn=self._confidence, callback=callback,
+                clamp_fn=self._clamp if (cfg.clamp if clamp is None else clamp) else None,
                 progress=progress and n <= batch_size,
             )
             out.num_evaluations += res.num_evaluations
@@ -271,6 +278,8 @@ class LaDiC(Captioner):
             mbr_candidates: k > 1 draws k captions per image and returns the MBR choice.
             length: ask for exactly this many word-piece tokens.
             generator / seed: randomness; the same seed gives the same captions.
+            clamp: snap every intermediate estimate to the latents of its decoded tokens (Diffusion-LM's
+                clamping trick; default from the config).
             batch_size: images per forward batch.
 
         Returns:

@@ -27,7 +27,7 @@ def _load_model(path: str | None, device: str):
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         num_inference_steps=args.steps, guidance_scale=args.guidance, back_and_refine=args.back_and_refine,
-        mbr_candidates=args.mbr, seed=args.seed,
+        mbr_candidates=args.mbr, seed=args.seed, clamp=args.clamp,
     )
 
 
@@ -39,6 +39,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
                    help="Back&Refine at t = T/2 (default on)")
     p.add_argument("--mbr", type=int, default=1, help="MBR over this many candidates per image (default 1 = off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
+                   help="snap intermediate estimates to decoded-token latents (default from the model config)")
     p.add_argument("--device", default="cpu")
 
 

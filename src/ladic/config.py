@@ -43,6 +43,7 @@ class LaDiCConfig:
     back_and_refine: bool = True
     refine_time: float = 0.5  # Back&Refine at t = refine_time * T
     refine_keep: float = 0.5  # keep this fraction of the most confident tokens
+    clamp: bool = False  # Diffusion-LM clamping of intermediate estimates (not in the paper)
     seed_for_init: int = 0
 
     def __post_init__(self) -> None:

@@ -73,7 +73,7 @@ def evaluate_cli(args: argparse.Namespace) -> int:
         else:
             sampling = dict(num_inference_steps=args.steps, guidance_scale=args.guidance,
                             back_and_refine=args.back_and_refine, mbr_candidates=args.mbr, seed=args.seed,
-                            length=args.length)
+                            length=args.length, clamp=args.clamp)
             res, results = evaluate_model(args.model, args.split, args.limit, args.references, args.image_root,
                                           sampling, **metric_kw)
             if args.save_results:

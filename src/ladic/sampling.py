@@ -24,6 +24,8 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ConfidenceFn = Callable[[torch.Tensor], torch.Tensor]
 # (iteration, t, x0_hat) -> None
 StepCallback = Callable[[int, int, torch.Tensor], None]
+# x0_hat (B, L, D) -> x0_hat (B, L, D), e.g. snapped to the latents of its decoded tokens
+ClampFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -81,6 +83,7 @@ def ddim_sample_loop(
     refine_time: float = 0.5,
     refine_keep: float = 0.5,
     confidence_fn: ConfidenceFn | None = None,
+    clamp_fn: ClampFn | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
 ) -> SampleResult:
@@ -92,6 +95,8 @@ def ddim_sample_loop(
         back_and_refine: at the first step with t <= refine_time * T, keep the ``refine_keep`` fraction
             of most confident positions, replace the rest with pure Gaussian noise and start a fresh
             denoising from t = T (paper section 3.4). Needs ``confidence_fn``.
+        clamp_fn: applied to x0_hat before every DDIM update (not to the final estimate): the
+            "clamping trick" of Diffusion-LM (Li et al. 2022), x0_hat -> latents of its argmax tokens.
         callback: called after every iteration with (iteration, t, x0_hat).
     """
     if back_and_refine and confidence_fn is None:
@@ -134,7 +139,10 @@ def ddim_sample_loop(
             bar.reset(total=len(schedule))
             continue
         if i + 1 < len(schedule):
-            x = diffusion.ddim_step(x, x0_hat, tt, tt.new_full((b,), t_next))
+            target = x0_hat if clamp_fn is None else clamp_fn(x0_hat)
+            if fixed_mask is not None:
+                target = torch.where(fixed_mask[..., None], fixed_x0, target)
+            x = diffusion.ddim_step(x, target, tt, tt.new_full((b,), t_next))
         i += 1
     bar.close()
     return SampleResult(x0=x0_hat, renoised=renoised, num_evaluations=n_eval)
