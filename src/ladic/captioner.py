@@ -15,10 +15,9 @@ from ladic.checkpoint import CONFIG_NAME, WEIGHTS_NAME, Captioner, CheckpointErr
 from ladic.config import LaDiCConfig
 from ladic.diffuser import Diffuser
 from ladic.diffusion import GaussianDiffusion
-from ladic.image_encoders import ImageEncoder, build_image_encoder
+from ladic.image_encoders import ImageEncoder
 from ladic.image_io import ImageInput, ImageLoadError, load_images
 from ladic.sampling import SampleResult, ddim_sample_loop, guided_denoiser, mbr_select
-from ladic.text_space import TextSpace
 
 BLANK_MARKERS = ("[MASK]", "[mask]")
 
@@ -47,14 +46,7 @@ class LaDiC(Captioner):
     """Latent diffusion captioner (Wang, Ren et al., NAACL 2024)."""
 
     def __init__(self, config: LaDiCConfig, image_encoder: ImageEncoder | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.text = TextSpace(
-            config.text_backbone, config.split_layer, config.max_length,
-            reassign_special=config.special_token_latent == "zero", normalize=config.normalize_latents,
-            decoder_num_layers=config.decoder_num_layers,
-        )
-        self.image_encoder = image_encoder or build_image_encoder(config.image_encoder)
+        super().__init__(config, image_encoder)
         self.diffuser = Diffuser(config, self.text.dim, self.image_encoder.dim, self.image_encoder.num_tokens)
         self.diffusion = GaussianDiffusion(config.num_train_timesteps, config.beta_schedule, config.noise_factor)
 

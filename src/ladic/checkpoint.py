@@ -18,7 +18,9 @@ from torch import nn
 
 from ladic import __version__
 from ladic.config import LaDiCConfig
+from ladic.image_encoders import ImageEncoder, build_image_encoder
 from ladic.image_io import ImageInput, load_image
+from ladic.text_space import TextSpace
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -31,11 +33,20 @@ class CheckpointError(ValueError):
 
 
 class Captioner(nn.Module):
-    """Base of the captioners: subclasses set ``model_type``, build ``text`` / ``image_encoder`` and
-    name their trainable core in ``core_modules``."""
+    """Base of the captioners: the text space and image encoder of ``config``; subclasses set ``model_type``,
+    build their trainable core and name it in ``core_modules``."""
 
     model_type: str = "ladic"
-    config: LaDiCConfig
+
+    def __init__(self, config: LaDiCConfig, image_encoder: ImageEncoder | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.text = TextSpace(
+            config.text_backbone, config.split_layer, config.max_length,
+            reassign_special=config.special_token_latent == "zero", normalize=config.normalize_latents,
+            decoder_num_layers=config.decoder_num_layers,
+        )
+        self.image_encoder = image_encoder or build_image_encoder(config.image_encoder)
 
     def core_modules(self) -> dict[str, nn.Module]:
         """Prefix -> module of the model's own trainable network (e.g. ``{"diffuser": ...}``)."""

@@ -28,6 +28,17 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, dim % 2))
 
 
+def init_weights(module: nn.Module, seed: int, params: tuple[nn.Parameter, ...]) -> None:
+    """Deterministic init from ``seed``: every Linear weight and ``params`` ~ N(0, 0.02^2), biases 0."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.data.copy_(torch.randn(m.weight.shape, generator=g) * 0.02)
+            nn.init.zeros_(m.bias)
+    for p in params:
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
 class Attention(nn.Module):
     """Multi-head attention; keys/values may come from another sequence (cross-attention)."""
 
@@ -99,16 +110,7 @@ class Diffuser(nn.Module):
         self.norm_out = nn.LayerNorm(d)
         self.out_proj = nn.Linear(d, text_dim)
         self.hidden_size = d
-        self._init_weights(config.seed_for_init)
-
-    def _init_weights(self, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.data.copy_(torch.randn(m.weight.shape, generator=g) * 0.02)
-                nn.init.zeros_(m.bias)
-        for p in (self.pos_emb, self.image_pos, self.null_image):
-            p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        init_weights(self, config.seed_for_init, (self.pos_emb, self.image_pos, self.null_image))
 
     def image_context(self, image_feats: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Image tokens (B, N, D_img) -> context (B, N, d); rows where ``drop`` (B,) is True get the null image."""

@@ -39,10 +39,9 @@ from tqdm.auto import tqdm
 from ladic.captioner import CaptionOutput
 from ladic.checkpoint import Captioner
 from ladic.config import LaDiCConfig
-from ladic.diffuser import KV, Attention, Block
-from ladic.image_encoders import ImageEncoder, build_image_encoder
+from ladic.diffuser import KV, Attention, Block, init_weights
+from ladic.image_encoders import ImageEncoder
 from ladic.image_io import ImageInput
-from ladic.text_space import TextSpace
 
 MODEL_TYPE = "ar"
 
@@ -119,16 +118,7 @@ class ARDecoder(nn.Module):
         self.norm_out = nn.LayerNorm(d)
         self.out_proj = nn.Linear(d, text_dim)
         self.max_length = config.max_length
-        self._init_weights(config.seed_for_init)
-
-    def _init_weights(self, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.data.copy_(torch.randn(m.weight.shape, generator=g) * 0.02)
-                nn.init.zeros_(m.bias)
-        for p in (self.pos_emb, self.image_pos):
-            p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        init_weights(self, config.seed_for_init, (self.pos_emb, self.image_pos))
 
     def image_kv(self, image_feats: torch.Tensor) -> list[KV]:
         """Image tokens (B, N, D_img) -> per-block cross-attention keys/values (computed once per image)."""
@@ -164,16 +154,9 @@ class ARCaptioner(Captioner):
     model_type = MODEL_TYPE
 
     def __init__(self, config: LaDiCConfig, image_encoder: ImageEncoder | None = None) -> None:
-        super().__init__()
-        self.config = config
         # Same text space as LaDiC: its tokenizer, its frozen word embeddings and its LM head; the frozen
         # BERT halves are only used to build the trainer's feature cache (the hidden states go unused here).
-        self.text = TextSpace(
-            config.text_backbone, config.split_layer, config.max_length,
-            reassign_special=config.special_token_latent == "zero", normalize=config.normalize_latents,
-            decoder_num_layers=config.decoder_num_layers,
-        )
-        self.image_encoder = image_encoder or build_image_encoder(config.image_encoder)
+        super().__init__(config, image_encoder)
         self.decoder = ARDecoder(config, self.text.dim, self.image_encoder.dim, self.image_encoder.num_tokens)
         tok = self.text.tokenizer
         self.bos_id, self.eos_id, self.pad_id = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
