@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from image_fixtures import jpeg_bytes, png_with_header_size
 
 from ladic.cli import main
 from ladic.image_io import load_image
@@ -27,20 +27,8 @@ def _photo(size=(64, 48)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def _jpeg_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
-def _huge_png(width: int, height: int) -> bytes:
-    """An 8x8 PNG whose IHDR claims width x height: cheap to write, refused from the header."""
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buf, format="PNG")
-    b = bytearray(buf.getvalue())
-    b[16:20], b[20:24] = width.to_bytes(4, "big"), height.to_bytes(4, "big")
-    b[29:33] = zlib.crc32(bytes(b[12:29])).to_bytes(4, "big")
-    return bytes(b)
 
 
 def make_mixed_folder(root: Path) -> tuple[list[str], dict[str, str], Path]:
@@ -48,7 +36,7 @@ def make_mixed_folder(root: Path) -> tuple[list[str], dict[str, str], Path]:
     root.mkdir()
     photo = _photo()
     photo.save(root / "photo.png")
-    (root / "photo_b.jpg").write_bytes(_jpeg_bytes(photo))
+    (root / "photo_b.jpg").write_bytes(jpeg_bytes(photo, quality=90))
     rgba = photo.convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize(photo.size))
     rgba.save(root / "alpha.png")
@@ -59,12 +47,12 @@ def make_mixed_folder(root: Path) -> tuple[list[str], dict[str, str], Path]:
     frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
     Image.new("RGB", (1, 1), "white").save(root / "one.png")
 
-    jpeg = _jpeg_bytes(_photo((256, 256)))
+    jpeg = jpeg_bytes(_photo((256, 256)), quality=90)
     (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
     (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8)
     (root / "zero.jpg").write_bytes(b"")
     (root / "text.jpg").write_text("this is a text file, not a JPEG\n")
-    (root / "huge.png").write_bytes(_huge_png(12000, 12000))
+    (root / "huge.png").write_bytes(png_with_header_size(12000, 12000))
     (root / "notes.txt").write_text("not an image at all\n")
 
     good = ["alpha.png", "anim.gif", "cmyk.jpg", "gray.png", "one.png", "photo.png", "photo_b.jpg", "sixteen.png"]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
+
+from image_fixtures import jpeg_bytes, png_with_header_size
 
 pytest.importorskip("starlette")
 pytest.importorskip("httpx")
@@ -22,27 +23,15 @@ from ladic.demo import EXAMPLES, create_app, start_in_thread  # noqa: E402
 TEMPLATE = "two ___ standing on a ___ field"
 
 
-def _jpeg(img: Image.Image, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", **kw)
-    return buf.getvalue()
 
 
-def png_with_header_size(width: int, height: int) -> bytes:
-    """A tiny PNG whose IHDR claims ``width`` x ``height`` (a cheap decompression bomb)."""
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buf, format="PNG")
-    b = bytearray(buf.getvalue())
-    b[16:20], b[20:24] = width.to_bytes(4, "big"), height.to_bytes(4, "big")
-    b[29:33] = zlib.crc32(bytes(b[12:29])).to_bytes(4, "big")
-    return bytes(b)
 
 
 @pytest.fixture(scope="module")
 def astronaut_jpeg() -> bytes:
     import skimage.data
 
-    return _jpeg(Image.fromarray(skimage.data.astronaut()), quality=90)
+    return jpeg_bytes(Image.fromarray(skimage.data.astronaut()), quality=90)
 
 
 @pytest.fixture(scope="module")
