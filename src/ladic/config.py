@@ -101,8 +101,4 @@ def preset(name: str, **overrides: Any) -> LaDiCConfig:
     return LaDiCConfig(**{**PRESETS[name], **overrides})
 
 
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(LaDiCConfig)]
-
-
-__all__ = ["LaDiCConfig", "PRESETS", "preset", "field_names", "MINILM"]
+__all__ = ["LaDiCConfig", "PRESETS", "preset", "MINILM"]
