@@ -159,7 +159,8 @@ def test_ablations_train_once_then_skip(tmp_path, tiny_model, fake_split, monkey
     def fake_train(tc, resume=False):
         assert resume and tc.max_steps == 3 and tc.data == "flickr8k" and tc.train_images == 2000
         trained.append((Path(tc.out_dir).name, dict(tc.model)))
-        m = LaDiC(preset("tiny", **tc.model), image_encoder=tiny_model.image_encoder)
+        same_encoder = {k: v for k, v in tc.model.items() if k != "image_encoder"}  # no DINOv2 conversion here
+        m = LaDiC(preset("tiny", **same_encoder), image_encoder=tiny_model.image_encoder)
         m.save_pretrained(Path(tc.out_dir) / "final")
         (Path(tc.out_dir) / "log.jsonl").write_text(json.dumps({"step": 3, "loss": 1.5, "caption": 2.0}) + "\n")
         return Path(tc.out_dir) / "final"
@@ -171,18 +172,44 @@ def test_ablations_train_once_then_skip(tmp_path, tiny_model, fake_split, monkey
     monkeypatch.setattr(bench, "_require_java", lambda: None)
     kw = dict(preset_name="tiny", max_steps=3, eval_steps=1, caption_batch=5, train_fn=fake_train, log=lambda s: None)
     res = bench.run_ablations(fake_split[:2], tmp_path / "abl", **kw)
-    assert [n for n, _ in trained] == ["full", "no_caption_loss", "no_norm_reassign", "prepend_image"]
-    assert trained[3][1] == {"image_conditioning": "prepend"}
+    assert [n for n, _ in trained] == ["full", "no_caption_loss", "no_norm_reassign", "prepend_image", "dinov2_encoder"]
+    assert trained[3][1] == {"image_conditioning": "prepend"} and trained[4][1] == {"image_encoder": "dinov2-s"}
     rows = {r["name"]: r for r in res["rows"]}
     assert list(rows) == [a.name for a in bench.ABLATIONS]
     assert rows["no_back_and_refine"]["trained_as"] == "full"
     assert rows["no_back_and_refine"]["sampling"]["back_and_refine"] is False
     assert rows["full"]["final_train_loss"] == 1.5
+    assert set(rows["full"]["restore_accuracy"]) == set(bench.RESTORE_TIMESTEPS)
+    assert rows["no_back_and_refine"]["restore_accuracy"] == rows["full"]["restore_accuracy"]
+    assert all(0 <= a <= 1 for r in rows.values() for a in r["restore_accuracy"].values())
     trained.clear()
     res = bench.run_ablations(fake_split[:2], tmp_path / "abl", **kw)
     assert trained == [] and all(r["skipped_training"] for r in res["rows"])
     md = bench.ablations_markdown(res, ["toy"], bench.run_meta({}))
-    assert "| full model |" in md and "Back&Refine off" in md
+    assert "| full model |" in md and "Back&Refine off" in md and "restore % t=600" in md
+
+
+def test_denoising_accuracy_counts_first_reference_words(tiny_model, fake_split, monkeypatch):
+    """With a denoiser that returns x_t, t=0 is the decoder's accuracy on the true latents (computed by hand);
+    only each image's first reference and only its word positions count."""
+    from ladic.data.features import build_features
+    from ladic.evaluate import denoising_accuracy, feature_cache_dir
+
+    feats = build_features(tiny_model, fake_split, feature_cache_dir())
+    monkeypatch.setattr(tiny_model.diffuser, "forward", lambda x_t, t, sc, kv: x_t)
+    acc = denoising_accuracy(tiny_model, feats, timesteps=(0, 999), batch_size=2)
+    first = torch.tensor([5 * i for i in range(len(fake_split))])
+    assert feats.caption_image[first].tolist() == list(range(len(fake_split)))
+    ids = feats.ids[first].long()
+    with torch.no_grad():
+        x0 = tiny_model.text.regularize(feats.hidden[first], ids)
+        pred = tiny_model.text.logits(x0).argmax(-1)
+    words = ~tiny_model.text.special_mask(ids)
+    room = tiny_model.config.max_length - 2  # [CLS] ... [SEP], longer references are truncated
+    assert words.sum() == sum(min(len(tiny_model.text.tokenizer.tokenize(r.captions[0])), room) for r in fake_split)
+    expected = float(((pred == ids) & words).sum() / words.sum())
+    assert acc[0] == pytest.approx(expected, abs=1e-6)
+    assert 0 <= acc[999] <= 1
 
 
 def test_bad_subcommand():

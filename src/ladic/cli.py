@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", nargs="*", default=["latency"],
                    help="latency, flops, quality, lengths, ablations, or all (= the first four; default latency)")
     p.add_argument("--model", help="LaDiC model folder (default: shipped)")
-    p.add_argument("--ar-model", help="AR baseline folder (without it the AR rows are skipped)")
+    p.add_argument("--ar-model", default="shipped",
+                   help="AR baseline folder (default: the shipped baseline; 'none' skips the AR rows)")
     p.add_argument("--out-dir", default="docs/bench")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per setting (median reported)")
     p.add_argument("--limit", type=int, default=None, help="quality/lengths/ablations: first N images of the split")

@@ -148,6 +148,11 @@ def _reorder(kvs: list[KV], index: torch.Tensor) -> list[KV]:
     return [(k.index_select(0, index), v.index_select(0, index)) for k, v in kvs]
 
 
+def default_ar_model_path() -> Path:
+    """The AR baseline shipped inside the package (trained like the shipped LaDiC, for ``ladic bench``)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "ar-small-flickr8k"
+
+
 class ARCaptioner(Captioner):
     """Autoregressive captioner with LaDiC's image encoder, tokenizer and sizes (see the module docstring)."""
 
@@ -173,9 +178,9 @@ class ARCaptioner(Captioner):
         return {"decoder": self.decoder}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "ARCaptioner":
-        """Load a folder written by ``save_pretrained``."""
-        return cls._from_folder(Path(path), device)
+    def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> "ARCaptioner":
+        """Load a folder written by ``save_pretrained``; ``None`` loads the shipped baseline."""
+        return cls._from_folder(Path(path) if path is not None else default_ar_model_path(), device)
 
     # ------------------------------------------------------------------ encoders
     def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""The models shipped in ``src/ladic/assets``: the README's main command, and what they say about real photos."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from ladic.baselines.ar import ARCaptioner, default_ar_model_path
+from ladic.captioner import LaDiC, default_model_path
+from ladic.cli import main
+from ladic.data.captions import load_flickr8k
+
+DOG = re.compile(r"\b(dog|dogs|puppy)\b")
+
+
+@pytest.fixture(scope="module")
+def dog_photos() -> list[str]:
+    """Flickr8k val photos (never trained on) whose five references all mention a dog."""
+    try:
+        records = load_flickr8k("val")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    photos = [r.image_path for r in records if all(DOG.search(c) for c in r.captions)]
+    return photos[:20]
+
+
+@pytest.fixture(scope="module")
+def shipped_ladic() -> LaDiC:
+    return LaDiC.from_pretrained()
+
+
+def test_main_command_captions_the_examples(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert main(["caption", "--examples", "--out", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    results = json.loads(out.read_text())
+    assert len(results) == len(lines) >= 5
+    assert {r["image_id"] for r in results} >= {"astronaut", "coffee", "chelsea", "rocket"}
+    for r in results:
+        assert set(r) == {"image_id", "file", "caption"}
+        assert re.fullmatch(r"[a-z' ,.-]+", r["caption"]) and len(r["caption"].split()) >= 2
+
+
+def test_shipped_ladic_sees_the_dogs(shipped_ladic, dog_photos):
+    assert len(dog_photos) == 20
+    captions = shipped_ladic.caption(dog_photos, seed=0)
+    hits = sum(bool(DOG.search(c)) for c in captions)
+    assert hits >= 14, captions
+
+
+def test_shipped_ar_baseline_loads_and_sees_the_dogs(dog_photos):
+    assert default_ar_model_path().is_dir()
+    ar = ARCaptioner.from_pretrained()
+    captions = ar.caption(dog_photos)
+    assert sum(bool(DOG.search(c)) for c in captions) >= 16, captions
+    assert sum(len(c.split()) >= 5 for c in captions) >= 16  # sentences, not keywords
+
+
+def test_bench_uses_the_shipped_ar_unless_told_not_to():
+    import argparse
+
+    from ladic.bench import _Session
+
+    def session(ar_model):
+        return _Session(argparse.Namespace(ar_model=ar_model, device="cpu"))
+
+    assert isinstance(session("shipped").ar(), ARCaptioner)
+    assert session("none").ar() is None
+    assert str(default_model_path()) != str(default_ar_model_path())
