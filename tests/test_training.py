@@ -105,6 +105,24 @@ def test_sigkill_and_resume_is_exact(tmp_path):
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
+def test_init_from_a_model_folder(tmp_path):
+    """Fine-tuning starts from the folder's weights and latent stats; a different architecture is refused."""
+    from ladic.checkpoint import CheckpointError
+    from ladic.models import load_model
+
+    first = train(TrainConfig.load(None, COMMON + [f"out_dir={tmp_path / 'a'}", "max_steps=2"]))
+    start = train(TrainConfig.load(None, COMMON + [f"out_dir={tmp_path / 'b'}", "max_steps=0", f"init_from={first}"]))
+    a, b = load_model(first), load_model(start)
+    sa, sb = a.trainable_state_dict(), b.trainable_state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(a.text.latent_std, b.text.latent_std) and torch.equal(a.text.latent_mean, b.text.latent_mean)
+    more = train(TrainConfig.load(None, COMMON + [f"out_dir={tmp_path / 'c'}", "max_steps=2", f"init_from={first}"]))
+    assert not all(torch.equal(sa[k], v) for k, v in load_model(more).trainable_state_dict().items())
+    with pytest.raises(CheckpointError, match="do not match"):
+        train(TrainConfig.load(None, COMMON + [f"out_dir={tmp_path / 'd'}", "max_steps=1", f"init_from={first}",
+                                               "model.hidden_size=64"]))
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     tc = TrainConfig.load(None, COMMON + [f"out_dir={tmp_path}", "max_steps=6", "save_every=2", "fail_at_step=3"])
     with pytest.raises(TrainingDiverged, match="step 3"):

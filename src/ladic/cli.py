@@ -118,6 +118,7 @@ def cmd_infill(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ladic.checkpoint import CheckpointError
     from ladic.train import TrainConfig, TrainingDiverged, train
 
     _quiet_transformers()
@@ -130,6 +131,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"model written to {final}")
     return 0

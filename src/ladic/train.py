@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ladic.captioner import LaDiC
+from ladic.checkpoint import CheckpointError
 from ladic.config import preset
 from ladic.data.features import FeatureSet, build_features
 
@@ -37,6 +38,7 @@ class TrainConfig:
 
     preset: str = "small"
     model_type: str = "ladic"  # "ladic" or "ar" (the autoregressive baseline, ladic.baselines.ar)
+    init_from: str | None = None  # a model folder (e.g. the shipped model): start from its weights and latent stats
     model: dict[str, Any] = field(default_factory=dict)  # LaDiCConfig overrides
     data: str = "flickr8k"  # "flickr8k", "scenes", or a Karpathy/BLIP caption JSON
     image_root: str | None = None  # images of a caption JSON
@@ -241,8 +243,11 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
         raise ValueError(f"batch_size {tc.batch_size} is larger than the training set ({len(train_set)} captions)")
     if tc.batch_size % d.world:
         raise ValueError(f"batch_size {tc.batch_size} is not divisible by the {d.world} processes")
-    stats_ids = epoch_order(len(train_set), tc.seed, -1)[: tc.stats_captions]
-    fit_stats_from_hidden(model, train_set.hidden[stats_ids], train_set.ids[stats_ids])
+    if tc.init_from:
+        init_weights_from(model, tc.init_from)
+    else:
+        stats_ids = epoch_order(len(train_set), tc.seed, -1)[: tc.stats_captions]
+        fit_stats_from_hidden(model, train_set.hidden[stats_ids], train_set.ids[stats_ids])
 
     params = [p for p in model.parameters() if p.requires_grad]
     if tc.optimizer == "sgd":
@@ -340,6 +345,21 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+def init_weights_from(model: LaDiC, folder: str) -> None:
+    """Start from a saved model folder: its trainable weights and its latent mean/std (the latent space the
+    weights were trained in). The architecture must match (``CheckpointError`` otherwise); the optimizer,
+    the schedule and the EMA start fresh (the EMA from these weights)."""
+    from ladic.models import load_model
+
+    init = load_model(folder)
+    if type(init) is not type(model):
+        raise CheckpointError(f"{folder}: a {type(init).__name__}, but this run trains a {type(model).__name__}")
+    model.load_trainable_state_dict(init.trainable_state_dict(), source=folder)
+    with torch.no_grad():
+        model.text.latent_mean.copy_(init.text.latent_mean)
+        model.text.latent_std.copy_(init.text.latent_std)
 
 
 def fit_stats_from_hidden(model: LaDiC, hidden: torch.Tensor, ids: torch.Tensor) -> None:
