@@ -67,5 +67,6 @@ def test_bench_uses_the_shipped_ar_unless_told_not_to():
         return _Session(argparse.Namespace(ar_model=ar_model, device="cpu"))
 
     assert isinstance(session("shipped").ar(), ARCaptioner)
-    assert session("none").ar() is None
+    assert session("shipped").ar_path() == str(default_ar_model_path())
+    assert session("none").ar() is None and session("none").ar_path() is None
     assert str(default_model_path()) != str(default_ar_model_path())

@@ -879,15 +879,23 @@ class _Session:
             self._models["ladic"] = m
         return self._models["ladic"]
 
-    def ar(self):
-        from ladic.baselines.ar import ARCaptioner, default_ar_model_path
+    def ar_path(self) -> str | None:
+        """The AR baseline folder of ``--ar-model`` ("shipped": the packaged one if present; "none": no AR rows)."""
+        from ladic.baselines.ar import default_ar_model_path
 
-        if self.args.ar_model in (None, "none") or (self.args.ar_model == "shipped" and not default_ar_model_path().is_dir()):
+        choice = self.args.ar_model
+        if choice == "shipped":
+            return str(default_ar_model_path()) if default_ar_model_path().is_dir() else None
+        return None if choice in (None, "none") else choice
+
+    def ar(self):
+        path = self.ar_path()
+        if path is None:
             return None
         if "ar" not in self._models:
+            from ladic.baselines.ar import ARCaptioner
             from ladic.models import load_model
 
-            path = default_ar_model_path() if self.args.ar_model == "shipped" else self.args.ar_model
             m = load_model(path, device=self.args.device)
             if not isinstance(m, ARCaptioner):
                 raise ValueError(f"--ar-model {self.args.ar_model} is not an AR baseline folder (model_type 'ar')")
@@ -906,8 +914,7 @@ class _Session:
         a = self.args
         n = len(self.records())
         notes = [f"Data: Flickr8k {a.split}, {'the first ' if a.limit else 'all '}{n} images, 5 references each."]
-        ar = "none (AR rows skipped)" if self.ar() is None else a.ar_model
-        notes.append(f"LaDiC model: {a.model or 'shipped default'}; AR model: {ar}.")
+        notes.append(f"LaDiC model: {a.model or 'shipped default'}; AR model: {self.ar_path() or 'none (AR rows skipped)'}.")
         return notes
 
 
