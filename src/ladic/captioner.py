@@ -86,8 +86,7 @@ class LaDiC(Captioner):
     ) -> dict[str, torch.Tensor]:
         """Training step for DDP: cached image tokens (or pixels for a trainable encoder), cached text-encoder
         hidden states (B, L, D) and ids (B, L) -> losses (see ``training_losses``)."""
-        feats = image_inputs if self.image_encoder.pretrained else self.image_encoder(image_inputs)
-        return self.training_losses(feats, self.text.regularize(hidden, ids), ids, draws)
+        return self.training_losses(self.image_tokens(image_inputs), self.text.regularize(hidden, ids), ids, draws)
 
     def training_losses(
         self, image_feats: torch.Tensor, x0: torch.Tensor, ids: torch.Tensor, draws: dict[str, torch.Tensor]

@@ -60,6 +60,11 @@ class Captioner(nn.Module):
         """Any supported inputs -> RGB PIL images; raises ``ImageLoadError`` naming the first bad one."""
         return [load_image(im) for im in images]
 
+    def image_tokens(self, image_inputs: torch.Tensor) -> torch.Tensor:
+        """Feature-cache entries -> image tokens (B, N_img, D_img): cached tokens of a pretrained (frozen) encoder
+        pass through; pixels (B, 3, H, W) of a trainable encoder are encoded here."""
+        return image_inputs if self.image_encoder.pretrained else self.image_encoder(image_inputs)
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint stores: the core, the LM head, and the image encoder only when it is not pretrained."""
         sd = {f"{name}.{k}": v for name, mod in self.core_modules().items() for k, v in mod.state_dict().items()}
@@ -94,25 +99,41 @@ class Captioner(nn.Module):
         }
         (path / CONFIG_NAME).write_text(json.dumps(meta, indent=1))
 
+    def load_folder_weights(self, path: str | Path) -> None:
+        """Load a saved folder's trainable weights and latent statistics into this model (same model type and
+        architecture, else ``CheckpointError``); the frozen backbones are not rebuilt."""
+        _, stats, sd = read_model_folder(Path(path), self.model_type)
+        self._load_state(sd, stats, str(path))
+
+    def _load_state(self, sd: dict[str, torch.Tensor], stats: dict[str, list[float]], source: str) -> None:
+        self.load_trainable_state_dict(sd, source=source)
+        self.text.latent_mean.copy_(torch.tensor(stats["mean"]))
+        self.text.latent_std.copy_(torch.tensor(stats["std"]))
+
     @classmethod
     def _from_folder(cls: type[C], path: Path, device: str | torch.device) -> C:
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise CheckpointError(f"{path}: not a LaDiC checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        try:
-            meta = json.loads((path / CONFIG_NAME).read_text())
-            kind = meta.get("model_type", "ladic")
-            config = LaDiCConfig.from_dict(meta["config"])
-            stats = meta["latent_stats"]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"{path / CONFIG_NAME}: corrupt or incompatible config ({e})") from e
-        if kind != cls.model_type:
-            raise CheckpointError(f"{path}: model_type is {kind!r}, not {cls.model_type!r} (use ladic.models.load_model)")
-        try:
-            sd = load_file(str(path / WEIGHTS_NAME))
-        except Exception as e:  # safetensors raises several error types for damaged files
-            raise CheckpointError(f"{path / WEIGHTS_NAME}: corrupt weights file ({e})") from e
+        config, stats, sd = read_model_folder(path, cls.model_type)
         model = cls(config)
-        model.load_trainable_state_dict(sd, source=str(path))
-        model.text.latent_mean.copy_(torch.tensor(stats["mean"]))
-        model.text.latent_std.copy_(torch.tensor(stats["std"]))
+        model._load_state(sd, stats, str(path))
         return model.to(device).eval()
+
+
+def read_model_folder(path: Path, model_type: str) -> tuple[LaDiCConfig, dict[str, list[float]], dict[str, torch.Tensor]]:
+    """A folder written by ``save_pretrained`` -> (config, latent stats, trainable weights), checked to hold a
+    ``model_type`` model; any damage or mismatch raises ``CheckpointError``."""
+    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"{path}: not a LaDiC checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        meta = json.loads((path / CONFIG_NAME).read_text())
+        kind = meta.get("model_type", "ladic")
+        config = LaDiCConfig.from_dict(meta["config"])
+        stats = meta["latent_stats"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path / CONFIG_NAME}: corrupt or incompatible config ({e})") from e
+    if kind != model_type:
+        raise CheckpointError(f"{path}: model_type is {kind!r}, not {model_type!r} (use ladic.models.load_model)")
+    try:
+        sd = load_file(str(path / WEIGHTS_NAME))
+    except Exception as e:  # safetensors raises several error types for damaged files
+        raise CheckpointError(f"{path / WEIGHTS_NAME}: corrupt weights file ({e})") from e
+    return config, stats, sd

@@ -45,7 +45,7 @@ def denoising_accuracy(
     """
     model.eval()
     device = model.device
-    first = torch.tensor([int((feats.caption_image == i).nonzero()[0]) for i in range(len(feats.image_ids))])
+    first = torch.searchsorted(feats.caption_image, torch.arange(len(feats.image_ids)))  # captions are grouped by image
     gen = torch.Generator().manual_seed(seed)
     correct = dict.fromkeys(timesteps, 0)
     total = 0
@@ -53,8 +53,7 @@ def denoising_accuracy(
         sel = first[start : start + batch_size]
         ids = feats.ids[sel].long().to(device)
         x0 = model.text.regularize(feats.hidden[sel].to(device), ids)
-        image = feats.images[feats.caption_image[sel]].float().to(device)
-        image = image if model.image_encoder.pretrained else model.image_encoder(image)
+        image = model.image_tokens(feats.images[feats.caption_image[sel]].float().to(device))
         kv = model.diffuser.image_kv(model.diffuser.image_context(image))
         words = ~model.text.special_mask(ids)
         noise = torch.randn(x0.shape, generator=gen).to(device)

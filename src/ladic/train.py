@@ -23,7 +23,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ladic.captioner import LaDiC
-from ladic.checkpoint import CheckpointError
 from ladic.config import preset
 from ladic.data.features import FeatureSet, build_features
 
@@ -243,8 +242,8 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
         raise ValueError(f"batch_size {tc.batch_size} is larger than the training set ({len(train_set)} captions)")
     if tc.batch_size % d.world:
         raise ValueError(f"batch_size {tc.batch_size} is not divisible by the {d.world} processes")
-    if tc.init_from:
-        init_weights_from(model, tc.init_from)
+    if tc.init_from:  # weights and latent stats of a model folder; fresh optimizer, schedule and EMA
+        model.load_folder_weights(tc.init_from)
     else:
         stats_ids = epoch_order(len(train_set), tc.seed, -1)[: tc.stats_captions]
         fit_stats_from_hidden(model, train_set.hidden[stats_ids], train_set.ids[stats_ids])
@@ -345,21 +344,6 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return final
-
-
-def init_weights_from(model: LaDiC, folder: str) -> None:
-    """Start from a saved model folder: its trainable weights and its latent mean/std (the latent space the
-    weights were trained in). The architecture must match (``CheckpointError`` otherwise); the optimizer,
-    the schedule and the EMA start fresh (the EMA from these weights)."""
-    from ladic.models import load_model
-
-    init = load_model(folder)
-    if type(init) is not type(model):
-        raise CheckpointError(f"{folder}: a {type(init).__name__}, but this run trains a {type(model).__name__}")
-    model.load_trainable_state_dict(init.trainable_state_dict(), source=folder)
-    with torch.no_grad():
-        model.text.latent_mean.copy_(init.text.latent_mean)
-        model.text.latent_std.copy_(init.text.latent_std)
 
 
 def fit_stats_from_hidden(model: LaDiC, hidden: torch.Tensor, ids: torch.Tensor) -> None:

@@ -217,8 +217,7 @@ class ARCaptioner(Captioner):
     ) -> dict[str, torch.Tensor]:
         """Trainer interface (as ``LaDiC.forward``): cached image tokens (or pixels for a trainable encoder),
         text hidden states (unused) and ids (B, L) -> {"loss", "latent" (always 0), "caption"}."""
-        feats = image_inputs if self.image_encoder.pretrained else self.image_encoder(image_inputs)
-        return self.training_losses(feats, ids.long())
+        return self.training_losses(self.image_tokens(image_inputs), ids.long())
 
     @torch.no_grad()
     def sequence_scores(self, image_feats: torch.Tensor, ids: torch.Tensor, length_penalty: float = 1.0) -> torch.Tensor:
