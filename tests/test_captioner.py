@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from ladic.captioner import CheckpointError, LaDiC
+from ladic.config import LaDiCConfig, preset
 from ladic.image_io import ImageLoadError
 
 
@@ -120,3 +121,12 @@ def test_caption_accepts_feature_and_batch_tensors(tiny_model, scenes):
     assert tiny_model.caption(feats, seed=2) == tiny_model.caption(imgs, seed=2)
     batch = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in imgs])
     assert len(tiny_model.caption(batch, seed=2)) == 3
+
+
+def test_config_rejects_unknown_timestep_sampling():
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        preset("tiny", timestep_sampling="beta")
+    with pytest.raises(ValueError, match="timestep_logit_std"):
+        preset("tiny", timestep_sampling="logit_normal", timestep_logit_std=0.0)
+    cfg = preset("tiny", timestep_sampling="logit_normal", timestep_logit_mean=0.3)
+    assert LaDiCConfig.from_dict(cfg.to_dict()) == cfg

@@ -75,7 +75,8 @@ class LaDiC(Captioner):
         and uniforms for the CFG drop and self-conditioning (B,). Slicing it per rank makes DDP match one process."""
         cfg = self.config
         return {
-            "t": torch.randint(0, self.diffusion.num_timesteps, (batch_size,), generator=generator),
+            "t": self.diffusion.sample_timesteps(batch_size, generator, cfg.timestep_sampling,
+                                                 cfg.timestep_logit_mean, cfg.timestep_logit_std),
             "noise": torch.randn((batch_size, cfg.max_length, self.text.dim), generator=generator),
             "u_drop": torch.rand(batch_size, generator=generator),
             "u_self_cond": torch.rand(batch_size, generator=generator),

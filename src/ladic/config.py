@@ -31,6 +31,11 @@ class LaDiCConfig:
     num_train_timesteps: int = 1000  # T
     beta_schedule: str = "cosine"  # "cosine" or "linear"
     noise_factor: float = 1.0  # F in x_t = sqrt(ab_t) x0 + F sqrt(1 - ab_t) eps (Gao et al. 2022)
+    # Training timesteps: "uniform" (paper) or "logit_normal", t = T sigmoid(n), n ~ N(mean, std^2) (SD3,
+    # Esser et al. 2024): fewer steps where x_t is nearly clean or nearly pure noise.
+    timestep_sampling: str = "uniform"
+    timestep_logit_mean: float = 0.0
+    timestep_logit_std: float = 1.0
     caption_loss_weight: float = 0.2  # lambda
     self_condition_prob: float = 0.5
     cfg_drop_prob: float = 0.1
@@ -53,6 +58,10 @@ class LaDiCConfig:
             raise ValueError("max_length must leave room for [CLS], one token and [SEP]")
         if self.beta_schedule not in ("cosine", "linear"):
             raise ValueError(f"unknown beta_schedule {self.beta_schedule!r}")
+        if self.timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"unknown timestep_sampling {self.timestep_sampling!r}; use 'uniform' or 'logit_normal'")
+        if self.timestep_logit_std <= 0:
+            raise ValueError("timestep_logit_std must be positive")
         if self.image_conditioning not in ("cross_attn", "prepend"):
             raise ValueError(f"unknown image_conditioning {self.image_conditioning!r}")
         if self.special_token_latent not in ("zero", "none"):

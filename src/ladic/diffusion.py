@@ -63,6 +63,18 @@ class GaussianDiffusion:
         eps = self.predict_eps(x_t, t, x0_hat)
         return self.q_sample(x0_hat, t_next, eps)
 
+    def sample_timesteps(
+        self, batch_size: int, generator: torch.Generator | None = None, sampling: str = "uniform",
+        logit_mean: float = 0.0, logit_std: float = 1.0,
+    ) -> torch.Tensor:
+        """(B,) integer training timesteps in 0..T-1: uniform, or T sigmoid(n) with n ~ N(logit_mean, logit_std^2)."""
+        if sampling == "uniform":
+            return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator)
+        if sampling != "logit_normal":
+            raise ValueError(f"unknown timestep sampling {sampling!r}")
+        n = torch.randn(batch_size, generator=generator) * logit_std + logit_mean
+        return (torch.sigmoid(n) * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
+
     def inference_timesteps(self, num_inference_steps: int) -> list[int]:
         """``num_inference_steps`` evenly spaced timesteps from T-1 down to 0 (each is one denoising iteration)."""
         if not 1 <= num_inference_steps <= self.num_timesteps:
