@@ -48,7 +48,10 @@ class LaDiC(Captioner):
     def __init__(self, config: LaDiCConfig, image_encoder: ImageEncoder | None = None) -> None:
         super().__init__(config, image_encoder)
         self.diffuser = Diffuser(config, self.text.dim, self.image_encoder.dim, self.image_encoder.num_tokens)
-        self.diffusion = GaussianDiffusion(config.num_train_timesteps, config.beta_schedule, config.noise_factor)
+        self.diffusion = GaussianDiffusion(
+            config.num_train_timesteps, config.beta_schedule, config.noise_factor,
+            config.timestep_sampling, config.timestep_logit_mean, config.timestep_logit_std,
+        )
 
     def core_modules(self) -> dict[str, nn.Module]:
         return {"diffuser": self.diffuser}
@@ -75,8 +78,7 @@ class LaDiC(Captioner):
         and uniforms for the CFG drop and self-conditioning (B,). Slicing it per rank makes DDP match one process."""
         cfg = self.config
         return {
-            "t": self.diffusion.sample_timesteps(batch_size, generator, cfg.timestep_sampling,
-                                                 cfg.timestep_logit_mean, cfg.timestep_logit_std),
+            "t": self.diffusion.sample_timesteps(batch_size, generator),
             "noise": torch.randn((batch_size, cfg.max_length, self.text.dim), generator=generator),
             "u_drop": torch.rand(batch_size, generator=generator),
             "u_self_cond": torch.rand(batch_size, generator=generator),

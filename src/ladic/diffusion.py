@@ -31,10 +31,17 @@ def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float =
 class GaussianDiffusion:
     """Holds the schedule and the closed-form operations the trainer and the sampler need."""
 
-    def __init__(self, num_timesteps: int = 1000, schedule: str = "cosine", noise_factor: float = 1.0) -> None:
+    def __init__(
+        self, num_timesteps: int = 1000, schedule: str = "cosine", noise_factor: float = 1.0,
+        timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
+    ) -> None:
+        if timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"unknown timestep sampling {timestep_sampling!r}")
         betas = cosine_betas(num_timesteps) if schedule == "cosine" else linear_betas(num_timesteps)
         self.num_timesteps = num_timesteps
         self.noise_factor = noise_factor
+        self.timestep_sampling = timestep_sampling
+        self.logit_mean, self.logit_std = logit_mean, logit_std
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # ab_t, (T,) float64
 
@@ -63,16 +70,11 @@ class GaussianDiffusion:
         eps = self.predict_eps(x_t, t, x0_hat)
         return self.q_sample(x0_hat, t_next, eps)
 
-    def sample_timesteps(
-        self, batch_size: int, generator: torch.Generator | None = None, sampling: str = "uniform",
-        logit_mean: float = 0.0, logit_std: float = 1.0,
-    ) -> torch.Tensor:
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B,) integer training timesteps in 0..T-1: uniform, or T sigmoid(n) with n ~ N(logit_mean, logit_std^2)."""
-        if sampling == "uniform":
+        if self.timestep_sampling == "uniform":
             return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator)
-        if sampling != "logit_normal":
-            raise ValueError(f"unknown timestep sampling {sampling!r}")
-        n = torch.randn(batch_size, generator=generator) * logit_std + logit_mean
+        n = torch.randn(batch_size, generator=generator) * self.logit_std + self.logit_mean
         return (torch.sigmoid(n) * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
 
     def inference_timesteps(self, num_inference_steps: int) -> list[int]:
