@@ -64,6 +64,11 @@ class TrainConfig:
     val_steps: int = 5
     seed: int = 0
     stats_captions: int = 20000  # captions used for the latent mean/std
+    # Sequence-level knowledge distillation (not in the paper; see ladic.data.distill): a model folder, e.g. the
+    # shipped AR baseline, whose caption of each training image becomes that image's training target.
+    distill_from: str | None = None
+    distill_beams: int = 3  # beam width of an AR teacher
+    distill_keep_references: bool = False  # train on the teacher caption and the human captions
     tensorboard: bool = False
     log_every: int = 50
     progress: bool = True
@@ -142,8 +147,11 @@ def load_datasets(tc: TrainConfig, model: LaDiC, progress: bool) -> tuple[Featur
 
         tr = make_scenes(tc.num_scenes, seed=tc.seed, size=tc.scene_size, max_objects=tc.scene_max_objects)
         va = make_scenes(max(tc.val_images, 1), seed=tc.seed + 10_000, size=tc.scene_size, max_objects=tc.scene_max_objects)
-        train = build_features(model, records(tr, "train"), images=[s.image for s in tr])
+        train_recs, train_images = records(tr, "train"), [s.image for s in tr]
+        train = build_features(model, train_recs, images=train_images)
         val = build_features(model, records(va, "val"), images=[s.image for s in va])
+        if tc.distill_from:
+            train = distill_features(tc, model, train, train_recs, train_images, None, progress)
         return train, val, [s.image for s in va]
     if tc.data == "flickr8k":
         train_recs, val_recs = load_flickr8k(tc.train_split), load_flickr8k(tc.val_split)
@@ -152,9 +160,25 @@ def load_datasets(tc: TrainConfig, model: LaDiC, progress: bool) -> tuple[Featur
             raise ValueError("image_root is required with a caption JSON")
         train_recs = load_karpathy(tc.data, tc.image_root, tc.train_split)
         val_recs = load_karpathy(tc.data, tc.image_root, tc.val_split)
-    train = build_features(model, train_recs[: tc.train_images], cache, progress=progress)
+    train_recs = train_recs[: tc.train_images]
+    train = build_features(model, train_recs, cache, progress=progress)
+    if tc.distill_from:
+        train = distill_features(tc, model, train, train_recs, [r.image_path for r in train_recs], cache, progress)
     val = build_features(model, val_recs[: tc.val_images], cache, progress=progress) if tc.val_images else None
     return train, val, None
+
+
+def distill_features(tc: TrainConfig, model: LaDiC, train: FeatureSet, records: list, images: list,
+                     cache: str | None, progress: bool) -> FeatureSet:
+    """The training set with the teacher's caption of every image as its target (see ``ladic.data.distill``)."""
+    from ladic.data.distill import distill_records, teacher_captions
+
+    caps = teacher_captions(tc.distill_from, train.image_ids, images, train.images, model.image_encoder.name,
+                            tc.distill_beams, cache, progress=progress)
+    recs = distill_records(records, caps, tc.distill_keep_references)
+    if cache is None:  # in-memory images: re-encode them
+        return build_features(model, recs, images=images)
+    return build_features(model, recs, cache, progress=progress)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
