@@ -16,14 +16,18 @@ DOG = re.compile(r"\b(dog|dogs|puppy)\b")
 
 
 @pytest.fixture(scope="module")
-def dog_photos() -> list[str]:
-    """Flickr8k val photos (never trained on) whose five references all mention a dog."""
+def dog_records():
+    """Flickr8k val records (never trained on) whose five references all mention a dog."""
     try:
         records = load_flickr8k("val")
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    photos = [r.image_path for r in records if all(DOG.search(c) for c in r.captions)]
-    return photos[:20]
+    return [r for r in records if all(DOG.search(c) for c in r.captions)][:20]
+
+
+@pytest.fixture(scope="module")
+def dog_photos(dog_records) -> list[str]:
+    return [r.image_path for r in dog_records]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +52,20 @@ def test_shipped_ladic_sees_the_dogs(shipped_ladic, dog_photos):
     captions = shipped_ladic.caption(dog_photos, seed=0)
     hits = sum(bool(DOG.search(c)) for c in captions)
     assert hits >= 14, captions
+
+
+def test_shipped_ladic_writes_sentences(shipped_ladic, dog_records):
+    """Word order, not just the right words: corpus BLEU-4 against the references. The model trained on human
+    captions only (step 3,200, word salad with the right nouns) scores 0.15 here, the shipped one 0.29."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    captions = shipped_ladic.caption([r.image_path for r in dog_records], seed=0)
+    scorer = BleuScorer(n=4)
+    for cap, rec in zip(captions, dog_records):
+        scorer += (cap, rec.captions)
+    bleu, _ = scorer.compute_score(option="closest", verbose=0)
+    assert bleu[3] >= 0.22, (bleu, captions)
+    assert sum(len(c.split()) >= 5 for c in captions) >= 16, captions
 
 
 def test_shipped_ar_baseline_loads_and_sees_the_dogs(dog_photos):
