@@ -185,6 +185,10 @@ def test_distillation_trains_on_the_teacher_captions(tmp_path, monkeypatch):
         teacher_captions(tmp_path / "teacher", ids, imgs, num_beams=2, cache_dir=tmp_path / "cache")
     monkeypatch.undo()
     assert len(list((tmp_path / "cache").glob("teacher-*.json"))) == 1
+    from ladic.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not a model folder"):
+        teacher_captions(tmp_path / "nowhere", ids, imgs, cache_dir=tmp_path / "cache")
     steps = train(TrainConfig.load(None, COMMON + [f"out_dir={tmp_path / 'run'}", "max_steps=2",
                                                     f"distill_from={tmp_path / 'teacher'}"]))
     assert (steps / "model.safetensors").is_file()

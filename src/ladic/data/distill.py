@@ -50,9 +50,12 @@ def teacher_captions(
             teacher has the same (frozen) image encoder, otherwise the teacher encodes ``images`` itself.
         num_beams: beam width of an AR teacher (a LaDiC teacher ignores it and samples with its defaults, seed 0).
     """
+    from ladic.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
     from ladic.models import load_model
 
     folder = Path(teacher_path)
+    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"distill_from {folder}: not a model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
     cache = None
     if cache_dir is not None:
         cache = Path(cache_dir) / f"teacher-{_teacher_key(folder, num_beams, image_ids)}.json"
