@@ -146,20 +146,21 @@ def test_config_overrides_and_errors(tmp_path):
 def test_distillation_trains_on_the_teacher_captions(tmp_path, monkeypatch):
     """distill_from: each training image's target becomes the teacher's caption of it (cached), optionally
     followed by the human captions; the teacher can be an AR model or a LaDiC model."""
+    import ladic.models
+    from ladic import LaDiC, preset
     from ladic.baselines import ARCaptioner
+    from ladic.checkpoint import CheckpointError
     from ladic.data.distill import teacher_captions
     from ladic.data.scenes import make_scenes
     from ladic.train import load_datasets
 
     torch.manual_seed(0)
-    teacher = ARCaptioner(preset_tiny())
+    teacher = ARCaptioner(preset("tiny"))
     teacher.save_pretrained(tmp_path / "teacher")
     scenes = make_scenes(64, seed=0, size=32, max_objects=1)
     expected = teacher.caption([s.image for s in scenes], num_beams=2)
     tc = TrainConfig.load(None, COMMON + [f"distill_from={tmp_path / 'teacher'}", "distill_beams=2"])
-    from ladic import LaDiC
-
-    student = LaDiC(preset_tiny())
+    student = LaDiC(preset("tiny"))
     train_set, _, _ = load_datasets(tc, student, progress=False)
     assert len(train_set) == 64 and train_set.caption_image.tolist() == list(range(64))
     targets = student.text.ids_to_text(train_set.ids, collapse_repeats=False)
@@ -174,7 +175,6 @@ def test_distillation_trains_on_the_teacher_captions(tmp_path, monkeypatch):
     imgs = [s.image for s in scenes[:4]]
     first = teacher_captions(tmp_path / "teacher", ids, imgs, num_beams=1, cache_dir=tmp_path / "cache")
     assert first == teacher.caption(imgs)
-    import ladic.models
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded although its captions are cached")
@@ -185,16 +185,9 @@ def test_distillation_trains_on_the_teacher_captions(tmp_path, monkeypatch):
         teacher_captions(tmp_path / "teacher", ids, imgs, num_beams=2, cache_dir=tmp_path / "cache")
     monkeypatch.undo()
     assert len(list((tmp_path / "cache").glob("teacher-*.json"))) == 1
-    from ladic.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="not a model folder"):
         teacher_captions(tmp_path / "nowhere", ids, imgs, cache_dir=tmp_path / "cache")
     steps = train(TrainConfig.load(None, COMMON + [f"out_dir={tmp_path / 'run'}", "max_steps=2",
                                                     f"distill_from={tmp_path / 'teacher'}"]))
     assert (steps / "model.safetensors").is_file()
-
-
-def preset_tiny():
-    from ladic import preset
-
-    return preset("tiny")

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ladic.captioner import LaDiC
 from ladic.config import preset
-from ladic.data.features import FeatureSet, build_features
+from ladic.data.features import FeatureSet, build_features, build_image_features
 
 
 class TrainingDiverged(RuntimeError):
@@ -147,11 +147,8 @@ def load_datasets(tc: TrainConfig, model: LaDiC, progress: bool) -> tuple[Featur
 
         tr = make_scenes(tc.num_scenes, seed=tc.seed, size=tc.scene_size, max_objects=tc.scene_max_objects)
         va = make_scenes(max(tc.val_images, 1), seed=tc.seed + 10_000, size=tc.scene_size, max_objects=tc.scene_max_objects)
-        train_recs, train_images = records(tr, "train"), [s.image for s in tr]
-        train = build_features(model, train_recs, images=train_images)
+        train = training_features(tc, model, records(tr, "train"), None, [s.image for s in tr], progress)
         val = build_features(model, records(va, "val"), images=[s.image for s in va])
-        if tc.distill_from:
-            train = distill_features(tc, model, train, train_recs, train_images, None, progress)
         return train, val, [s.image for s in va]
     if tc.data == "flickr8k":
         train_recs, val_recs = load_flickr8k(tc.train_split), load_flickr8k(tc.val_split)
@@ -160,25 +157,25 @@ def load_datasets(tc: TrainConfig, model: LaDiC, progress: bool) -> tuple[Featur
             raise ValueError("image_root is required with a caption JSON")
         train_recs = load_karpathy(tc.data, tc.image_root, tc.train_split)
         val_recs = load_karpathy(tc.data, tc.image_root, tc.val_split)
-    train_recs = train_recs[: tc.train_images]
-    train = build_features(model, train_recs, cache, progress=progress)
-    if tc.distill_from:
-        train = distill_features(tc, model, train, train_recs, [r.image_path for r in train_recs], cache, progress)
+    train = training_features(tc, model, train_recs[: tc.train_images], cache, None, progress)
     val = build_features(model, val_recs[: tc.val_images], cache, progress=progress) if tc.val_images else None
     return train, val, None
 
 
-def distill_features(tc: TrainConfig, model: LaDiC, train: FeatureSet, records: list, images: list,
-                     cache: str | None, progress: bool) -> FeatureSet:
-    """The training set with the teacher's caption of every image as its target (see ``ladic.data.distill``)."""
+def training_features(tc: TrainConfig, model: LaDiC, records: list, cache: str | None, images: list | None,
+                      progress: bool) -> FeatureSet:
+    """The training set; with ``distill_from``, each image's target is the teacher's caption of it
+    (``ladic.data.distill``): the image tokens are built once, for the teacher and for the set."""
+    if not tc.distill_from:
+        return build_features(model, records, cache, images=images, progress=progress)
     from ladic.data.distill import distill_records, teacher_captions
 
-    caps = teacher_captions(tc.distill_from, train.image_ids, images, train.images, model.image_encoder.name,
+    tokens = build_image_features(model, records, cache, images, progress=progress)
+    sources = images if images is not None else [r.image_path for r in records]
+    caps = teacher_captions(tc.distill_from, [r.image_id for r in records], sources, tokens, model.image_encoder.name,
                             tc.distill_beams, cache, progress=progress)
     recs = distill_records(records, caps, tc.distill_keep_references)
-    if cache is None:  # in-memory images: re-encode them
-        return build_features(model, recs, images=images)
-    return build_features(model, recs, cache, progress=progress)
+    return build_features(model, recs, cache, images=images, progress=progress, image_tokens=tokens)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -78,6 +78,18 @@ def encode_texts(text: TextSpace, captions: Sequence[str], batch_size: int = 256
     return {"hidden": torch.cat(hidden), "ids": torch.cat(ids)}
 
 
+def build_image_features(model, records: Sequence[CaptionRecord], cache_dir: str | Path | None = None,
+                         images: Sequence[Image.Image] | None = None, *, batch_size: int = 64,
+                         progress: bool = False) -> torch.Tensor:
+    """Image tokens (N_img, N_tok, D_img) of ``records`` (or of in-memory ``images``), cached like ``build_features``."""
+    enc = model.image_encoder
+    sources = list(images) if images is not None else [r.image_path for r in records]
+    img_path = None
+    if cache_dir is not None and images is None and enc.pretrained:
+        img_path = Path(cache_dir) / f"img-{enc.name.replace('/', '_').replace(':', '_')}-{_key(enc.name, getattr(enc, 'cache_key', ''), sources)}.safetensors"
+    return _cached(img_path, lambda: {"images": encode_images(model, sources, batch_size, progress)}, progress)["images"]
+
+
 def build_features(
     model,
     records: Sequence[CaptionRecord],
@@ -85,24 +97,20 @@ def build_features(
     images: Sequence[Image.Image] | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    image_tokens: torch.Tensor | None = None,
 ) -> FeatureSet:
     """Encode ``records`` (or in-memory ``images`` aligned with them) once, reusing the cache when it matches.
 
-    In-memory images (procedural scenes) are never cached: they are cheap to regenerate.
+    In-memory images (procedural scenes) are never cached: they are cheap to regenerate. ``image_tokens``
+    from ``build_image_features`` of the same records skips the image side.
     """
     cfg = model.config
-    enc = model.image_encoder
-    cache = Path(cache_dir) if cache_dir is not None else None
-    sources = list(images) if images is not None else [r.image_path for r in records]
-    img_path = None
-    if cache is not None and images is None and enc.pretrained:
-        img_path = cache / f"img-{enc.name.replace('/', '_').replace(':', '_')}-{_key(enc.name, getattr(enc, 'cache_key', ''), sources)}.safetensors"
-    img = _cached(img_path, lambda: {"images": encode_images(model, sources, batch_size, progress)}, progress)["images"]
+    img = image_tokens if image_tokens is not None else build_image_features(model, records, cache_dir, images, batch_size=batch_size, progress=progress)
     captions = [c for r in records for c in r.captions]
     caption_image = torch.tensor([i for i, r in enumerate(records) for _ in r.captions], dtype=torch.long)
     txt_path = None
-    if cache is not None:
-        txt_path = cache / f"txt-{_key(cfg.text_backbone, cfg.split_layer, cfg.max_length, captions)}.safetensors"
+    if cache_dir is not None:
+        txt_path = Path(cache_dir) / f"txt-{_key(cfg.text_backbone, cfg.split_layer, cfg.max_length, captions)}.safetensors"
     txt = _cached(txt_path, lambda: encode_texts(model.text, captions, progress=progress), progress)
     return FeatureSet(
         images=img, hidden=txt["hidden"], ids=txt["ids"], caption_image=caption_image,
