@@ -17,6 +17,7 @@ from ladic.diffuser import Diffuser
 from ladic.diffusion import GaussianDiffusion
 from ladic.image_encoders import ImageEncoder
 from ladic.image_io import ImageInput, ImageLoadError, load_images
+from ladic.photo_seed import photo_generator, pixel_key, tensor_key
 from ladic.sampling import SampleResult, ddim_sample_loop, guided_denoiser, mbr_select
 
 BLANK_MARKERS = ("[MASK]", "[mask]")
@@ -184,6 +185,7 @@ class LaDiC(Captioner):
         template: str | None = None,
         generator: torch.Generator | None = None,
         seed: int | None = None,
+        keys: Sequence[str] | None = None,
         batch_size: int = 32,
         return_trajectory: bool = False,
         progress: bool = False,
@@ -192,6 +194,11 @@ class LaDiC(Captioner):
     ) -> CaptionOutput:
         """Caption images. ``images`` are PIL images, paths, arrays/tensors, or precomputed image tokens
         (a float tensor (B, N_img, D_img)). See ``caption`` for the arguments.
+
+        Each image draws its noise from its own generator, seeded from the run seed (``seed``, or one number
+        drawn from ``generator``) and the image's key, so a caption does not depend on the other images of
+        the call or their order. ``keys`` (one string per input) default to a hash of each image's decoded
+        pixels (of its tokens for precomputed image tokens).
 
         ``errors="raise"`` raises ``ImageLoadError`` for the first bad input before any work;
         ``errors="skip"`` captions the good inputs and reports the bad ones in ``CaptionOutput.errors``
@@ -205,8 +212,12 @@ class LaDiC(Captioner):
         bnr = cfg.back_and_refine if back_and_refine is None else back_and_refine
         if mbr_candidates < 1:
             raise ValueError("mbr_candidates must be >= 1")
+        if keys is not None and len(keys) != len(images):
+            raise ValueError(f"got {len(keys)} keys for {len(images)} images")
         if generator is None:
-            generator = torch.Generator().manual_seed(0 if seed is None else seed)
+            run_seed = 0 if seed is None else seed
+        else:
+            run_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         is_feats = isinstance(images, torch.Tensor) and images.ndim == 3 and images.shape[-1] == self.image_encoder.dim
         out = CaptionOutput(captions=[], trajectories=[] if return_trajectory else None,
                             candidates=[] if mbr_candidates > 1 else None)
@@ -218,6 +229,10 @@ class LaDiC(Captioner):
             out.errors = {i: e for i, e in enumerate(loaded) if isinstance(e, ImageLoadError)}
             pil = [im for im in loaded if not isinstance(im, ImageLoadError)]
         n = len(images) if pil is None else len(pil)
+        if keys is not None:
+            keys = [key for i, key in enumerate(keys) if i not in out.errors]
+        else:
+            keys = [tensor_key(row) for row in images] if pil is None else [pixel_key(im) for im in pil]
         k = mbr_candidates
         infill = self.infill_template(template) if template is not None and length is None else None
         for start in tqdm(range(0, n, batch_size), desc="captioning", disable=not progress or n <= batch_size):
@@ -236,9 +251,10 @@ class LaDiC(Captioner):
                 def callback(i: int, t: int, x0: torch.Tensor) -> None:
                     traj.append(self.text.ids_to_text(self._decode_ids(x0, None if fixed is None else ~fixed, given)))
             ctx = self.diffuser.image_context(feats)
+            generators = [g for key in keys[start : start + batch_size] for g in [photo_generator(run_seed, key)] * k]
             res: SampleResult = ddim_sample_loop(
                 guided_denoiser(self.diffuser, ctx, w), self.diffusion, (b, cfg.max_length, self.text.dim),
-                num_inference_steps=steps, generator=generator, device=self.device,
+                num_inference_steps=steps, generator=generators, device=self.device,
                 fixed_x0=x_fixed, fixed_mask=fixed, back_and_refine=bnr, refine_time=cfg.refine_time,
                 refine_keep=cfg.refine_keep, confidence_fn=self._confidence, callback=callback,
                 clamp_fn=self._clamp if (cfg.clamp if clamp is None else clamp) else None,
@@ -271,7 +287,8 @@ class LaDiC(Captioner):
             back_and_refine: roll back low-confidence tokens at t = T/2 and refine (default on).
             mbr_candidates: k > 1 draws k captions per image and returns the MBR choice.
             length: ask for exactly this many word-piece tokens.
-            generator / seed: randomness; the same seed gives the same captions.
+            generator / seed: randomness; the same seed gives the same captions, whatever the batch.
+            keys: one stable string per image for its noise (default: a hash of its pixels).
             clamp: snap every intermediate estimate to the latents of its decoded tokens (Diffusion-LM's
                 clamping trick; default from the config).
             batch_size: images per forward batch.

@@ -75,7 +75,7 @@ def ddim_sample_loop(
     shape: tuple[int, int, int],
     *,
     num_inference_steps: int = 5,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     device: torch.device | str = "cpu",
     fixed_x0: torch.Tensor | None = None,
     fixed_mask: torch.Tensor | None = None,
@@ -98,6 +98,9 @@ def ddim_sample_loop(
         clamp_fn: applied to x0_hat before every DDIM update (not to the final estimate): the
             "clamping trick" of Diffusion-LM (Li et al. 2022), x0_hat -> latents of its argmax tokens.
         callback: called after every iteration with (iteration, t, x0_hat).
+        generator: one generator for the whole batch, or one per row (B of them; the same object may serve
+            several rows, e.g. a photo's MBR candidates): row i's noise (L, D) is then drawn from generator[i]
+            only, so it does not depend on the other rows of the batch.
     """
     if back_and_refine and confidence_fn is None:
         raise ValueError("back_and_refine needs a confidence_fn")
@@ -107,8 +110,13 @@ def ddim_sample_loop(
     T = diffusion.num_timesteps
     schedule = diffusion.inference_timesteps(num_inference_steps)
 
+    if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != b:
+        raise ValueError(f"got {len(generator)} generators for a batch of {b} rows")
+
     def randn() -> torch.Tensor:
-        return torch.randn(shape, generator=generator).to(device)
+        if generator is None or isinstance(generator, torch.Generator):
+            return torch.randn(shape, generator=generator).to(device)
+        return torch.stack([torch.randn(shape[1:], generator=g) for g in generator]).to(device)
 
     x = f * randn()
     self_cond = torch.zeros(shape, device=device)
