@@ -59,8 +59,9 @@ class LaDiC(Captioner):
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device = "cpu") -> "LaDiC":
-        """Load a folder written by ``save_pretrained``; ``None`` loads the shipped default model."""
-        return cls._from_folder(Path(path) if path is not None else default_model_path(), device)
+        """Load a folder written by ``save_pretrained``, or a Hugging Face Hub id (``"org/name"``, fetched
+        through ``huggingface_hub`` into its cache) when no such folder exists; ``None`` loads the shipped model."""
+        return cls._from_folder(path if path is not None else default_model_path(), device)
 
     # ------------------------------------------------------------------ encoders
     @torch.no_grad()

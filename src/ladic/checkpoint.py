@@ -111,11 +111,45 @@ class Captioner(nn.Module):
         self.text.latent_std.copy_(torch.tensor(stats["std"]))
 
     @classmethod
-    def _from_folder(cls: type[C], path: Path, device: str | torch.device) -> C:
+    def _from_folder(cls: type[C], path: str | Path, device: str | torch.device) -> C:
+        """Load a model folder, or a Hugging Face Hub id (``"org/name"``) that is not a local path."""
+        path = resolve_model_path(path)
         config, stats, sd = read_model_folder(path, cls.model_type)
         model = cls(config)
         model._load_state(sd, stats, str(path))
         return model.to(device).eval()
+
+
+def _hub_failure(exc: Exception) -> str:
+    """One short reason why the Hub could not provide a model."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if isinstance(exc, HFValidationError):
+        return "not a valid Hub id"
+    if isinstance(exc, RepositoryNotFoundError):
+        return "no such Hub repository, or it is private"
+    if isinstance(exc, LocalEntryNotFoundError):
+        offline = " and HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else " and the Hub cannot be reached"
+        return f"not in the local Hugging Face cache{offline}"
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """A local model folder as is; otherwise a Hugging Face Hub id (``"org/name"``) resolved through
+    ``huggingface_hub.snapshot_download`` (the local cache first; ``HF_HUB_OFFLINE`` and ``HF_HOME`` are
+    honoured). Neither raises ``CheckpointError`` with a one-line message naming both possibilities."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "*.md"]))
+    except Exception as e:  # the Hub client raises many error types (validation, HTTP, offline, cache)
+        raise CheckpointError(
+            f"{name_or_path}: no such local model folder, and not a model on the Hugging Face Hub ({_hub_failure(e)})"
+        ) from e
 
 
 def read_model_folder(path: Path, model_type: str) -> tuple[LaDiCConfig, dict[str, list[float]], dict[str, torch.Tensor]]:

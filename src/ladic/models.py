@@ -5,7 +5,7 @@ API:
     model_class(model_type)          -> LaDiC or ARCaptioner (ValueError for an unknown type)
     checkpoint_model_type(path)      -> the "model_type" of a saved folder's config.json ("ladic" if absent)
     load_model(path=None, device)    -> LaDiC or ARCaptioner loaded with its own ``from_pretrained``
-                                        (None: the shipped LaDiC model)
+                                        (a folder or a Hub id "org/name"; None: the shipped LaDiC model)
 """
 
 from __future__ import annotations
@@ -49,9 +49,12 @@ def checkpoint_model_type(path: str | Path) -> str:
 
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu"):
-    """Load any saved model folder (LaDiC or AR baseline) by its config's ``model_type``."""
+    """Load any saved model folder or Hugging Face Hub id (LaDiC or AR baseline) by its config's ``model_type``."""
     if path is None:
         return model_class("ladic").from_pretrained(None, device=device)
+    from ladic.checkpoint import resolve_model_path
+
+    path = resolve_model_path(path)
     return model_class(checkpoint_model_type(path)).from_pretrained(path, device=device)
 
 
