@@ -32,7 +32,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model folder (default: the shipped model)")
+    p.add_argument("--model", help="model folder or Hugging Face Hub id org/name (default: the shipped model)")
     p.add_argument("--steps", type=int, default=None, help="denoising iterations (default 5)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight w (default 1.0)")
     p.add_argument("--back-and-refine", action=argparse.BooleanOptionalAction, default=None,
@@ -51,50 +51,153 @@ def _example_images() -> list[tuple[str, object]]:
             for name in EXAMPLES]
 
 
-def cmd_caption(args: argparse.Namespace) -> int:
-    from ladic.image_io import ImageLoadError, iter_image_files, load_image
+def _collect_photos(args: argparse.Namespace, show_notes: bool) -> tuple[list, list[str]]:
+    """The photos to caption (input order, each file once) and the paths that failed to list."""
+    from ladic.collection import Photo
+    from ladic.image_io import iter_image_files
 
-    items: list[tuple[str, str, object]] = []  # (image_id, file, source)
+    photos: dict[str, Photo] = {}
     errors: list[str] = []
     if args.examples:
-        items += [(name, f"skimage.data.{name}", img) for name, img in _example_images()]
+        for name, img in _example_images():
+            photos[f"skimage.data.{name}"] = Photo(name, f"skimage.data.{name}", img)
     for p in args.paths:
         files, errs = iter_image_files(p, recursive=args.recursive)
         errors += [str(e) for e in errs if "skipped" not in e.reason or Path(p).is_file()]
         for e in errs:
-            if "skipped" in e.reason:
+            if "skipped" in e.reason and show_notes:
                 print(f"note: {e}", file=sys.stderr)
-        items += [(f.stem, str(f), f) for f in files]
-    if not items and not errors:
+        for f in files:
+            photos.setdefault(str(f), Photo.from_path(f))
+    return list(photos.values()), errors
+
+
+class _Processes:
+    """This process's rank and the world size under torchrun (RANK / WORLD_SIZE), with gloo collectives."""
+
+    def __init__(self) -> None:
+        self.rank, self.world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    def start(self) -> None:
+        if self.world > 1:
+            from datetime import timedelta
+
+            import torch.distributed as dist
+
+            if not dist.is_initialized():  # a rank waits at the end for the slowest one, however long
+                dist.init_process_group("gloo", timeout=timedelta(days=7))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def sum(self, values: list[int]) -> list[int]:
+        if self.world == 1:
+            return values
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.long)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def stop(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _device(args: argparse.Namespace, procs: _Processes) -> str:
+    return f"cuda:{procs.local_rank}" if args.device == "cuda" and procs.world > 1 else args.device
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    procs = _Processes()
+    if procs.world > 1 and not args.out:
+        print("error: --out is required with several processes (torchrun)", file=sys.stderr)
+        return 2
+    if args.resume and not args.out:
+        print("error: --resume needs --out", file=sys.stderr)
+        return 2
+    photos, errors = _collect_photos(args, show_notes=procs.rank == 0)
+    if not photos and not errors:
         print("error: no images given (pass files or folders, or --examples)", file=sys.stderr)
         return 2
-    loaded = []
-    for image_id, file, src in items:
-        try:
-            loaded.append((image_id, file, load_image(src, name=file)))
-        except ImageLoadError as e:
-            errors.append(str(e))
-    results = []
-    if loaded:
-        _quiet_transformers()
-        model = _load_model(args.model, args.device)
-        out = model.generate([im for _, _, im in loaded], length=args.length, batch_size=args.batch_size,
-                             progress=len(loaded) > args.batch_size, return_trajectory=args.trajectory,
-                             **_sampling_kwargs(args))
-        for i, ((image_id, file, _), cap) in enumerate(zip(loaded, out.captions)):
-            print(f"{file}\t{cap}")
-            if args.trajectory:
-                for step, text in enumerate(out.trajectories[i]):
-                    print(f"  step {step + 1}: {text}")
-            results.append({"image_id": image_id, "file": file, "caption": cap})
+    procs.start()
+    try:
+        return _caption_collection(args, photos, errors if procs.rank == 0 else [], procs)
+    finally:
+        procs.stop()
+
+
+def _caption_collection(args: argparse.Namespace, photos: list, errors: list[str], procs: _Processes) -> int:
+    """Caption this process's shard of ``photos``, streaming results to stdout and ``--out``."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from ladic.collection import CollectionConfig, PipelineStats, caption_batches, shard
+    from ladic.results_file import ResultsFileError, ResultsStore
+
+    start = time.perf_counter()
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    if errors:
-        print(f"{len(errors)} of {len(errors) + len(loaded)} inputs failed", file=sys.stderr)
-        return 1
-    return 0
+    store = ResultsStore(Path(args.out), procs.rank, procs.world) if args.out else None
+    try:
+        done = store.done(args.resume) if store else set()
+    except ResultsFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    procs.barrier()  # every process has read what is done before any writes
+    if store:
+        store.open(args.resume)
+    mine = shard(photos, procs.rank, procs.world)
+    todo = [p for p in mine if p.file not in done]
+    counts = {"captioned": 0, "failed": 0}
+    stats = PipelineStats()
+    show = procs.world == 1
+    if todo:
+        _quiet_transformers()
+        model = _load_model(args.model, _device(args, procs))
+        config = CollectionConfig(batch_size=args.batch_size, num_workers=args.workers, draft=args.draft)
+        bar = tqdm(total=len(todo), unit="photo", desc="captioning", dynamic_ncols=True,
+                   disable=True if procs.rank else None if args.progress is None else not args.progress)
+        batches = caption_batches(model, todo, config=config, stats=stats, length=args.length,
+                                  return_trajectory=args.trajectory, **_sampling_kwargs(args))
+        for batch in batches:
+            for r in batch:
+                if r.error is not None:
+                    bar.write(f"error: {r.error}", file=sys.stderr)
+                    continue
+                if show:
+                    bar.write(f"{r.photo.file}\t{r.caption}", file=sys.stdout)
+                    for step, text in enumerate(r.trajectory or []):
+                        bar.write(f"  step {step + 1}: {text}", file=sys.stdout)
+            if store:
+                store.append([r.record() for r in batch if r.error is None])
+            counts["captioned"] += sum(r.error is None for r in batch)
+            counts["failed"] += sum(r.error is not None for r in batch)
+            bar.update(len(batch))
+        bar.close()
+    if store:
+        store.close()
+    procs.barrier()
+    captioned, failed, skipped = procs.sum([counts["captioned"], counts["failed"] + len(errors), len(mine) - len(todo)])
+    if store and procs.rank == 0:
+        store.finalize({p.file: i for i, p in enumerate(photos)}, args.resume)
+    if procs.rank == 0:
+        seconds = time.perf_counter() - start
+        print(f"captioned {captioned}, failed {failed}, skipped {skipped} in {seconds:.1f} s"
+              f" ({captioned / seconds:.2f} photos/s; main process: waiting for photos {stats.waiting_for_photos:.1f} s,"
+              f" encoding {stats.encoding:.1f} s, captioning {stats.captioning:.1f} s)", file=sys.stderr)
+        if failed:
+            print(f"{failed} of {failed + captioned + skipped} inputs failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_infill(args: argparse.Namespace) -> int:
@@ -193,7 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=None, help="ask for captions of exactly N word pieces")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--trajectory", action="store_true", help="also print the caption after every denoising step")
-    p.add_argument("--out", help="write COCO results JSON [{image_id, file, caption}]")
+    p.add_argument("--out", help="results file: .jsonl (one JSON object per photo, written batch by batch) "
+                   "or .json (COCO results [{image_id, file, caption}])")
+    p.add_argument("--resume", action="store_true", help="skip the photos already in --out (after a crash or kill)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding processes (default: one per available core, at most 4; 0 decodes in-process)")
+    p.add_argument("--draft", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode JPEGs at a reduced scale still >= the encoder's input size (default on)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar with photos/s and ETA on stderr (default: when stderr is a terminal)")
     _add_sampling(p)
     p.set_defaults(func=cmd_caption)
 
