@@ -14,8 +14,9 @@ from ladic.image_encoders import (
     to_rgb,
 )
 
-BUILTIN = ["tiny", "efficientnet-lite0", "dinov2-s"]
-EXPECTED_SHAPES = {"tiny": (64, 64), "efficientnet-lite0": (49, 1280), "dinov2-s": (257, 384)}
+BUILTIN = ["tiny", "efficientnet-lite0", "efficientnet-lite2", "dinov2-s", "dinov2-s-grid8"]
+EXPECTED_SHAPES = {"tiny": (64, 64), "efficientnet-lite0": (49, 1280), "efficientnet-lite2": (81, 1280),
+                   "dinov2-s": (257, 384), "dinov2-s-grid8": (65, 384)}
 
 
 def sample_images() -> list[Image.Image]:
@@ -45,12 +46,15 @@ def encoders(dinov2_cache) -> dict[str, ImageEncoder]:
     return {
         "tiny": build_image_encoder("tiny"),
         "efficientnet-lite0": build_image_encoder("efficientnet-lite0"),
+        "efficientnet-lite2": build_image_encoder("efficientnet-lite2"),
         "dinov2-s": build_image_encoder("dinov2-s", cache_dir=dinov2_cache),
+        "dinov2-s-grid8": build_image_encoder("dinov2-s-grid8", cache_dir=dinov2_cache),
     }
 
 
 def test_registry():
-    assert available_image_encoders() == ["efficientnet-lite0", "dinov2-s", "tiny"]
+    assert available_image_encoders() == [
+        "efficientnet-lite0", "efficientnet-lite2", "dinov2-s", "dinov2-s-grid8", "dinov2-s-grid7", "tiny"]
     with pytest.raises(ValueError, match="unknown image encoder"):
         build_image_encoder("resnet-50")
 
@@ -98,7 +102,7 @@ def test_to_rgb():
         assert to_rgb(Image.new(mode, (3, 2))).mode == "RGB"
 
 
-@pytest.mark.parametrize("name", ["efficientnet-lite0", "dinov2-s"])
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite2", "dinov2-s", "dinov2-s-grid8"])
 def test_pretrained_encoders_are_frozen(encoders, name):
     enc = encoders[name]
     assert enc.pretrained
@@ -121,10 +125,11 @@ def test_tiny_is_seeded_and_trainable():
     assert all(p.grad is not None for p in a.parameters())
 
 
-def test_efficientnet_weights_are_real(encoders):
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite2"])
+def test_efficientnet_weights_are_real(encoders, name):
     """The package's full classifier labels skimage's cat photo as a cat (ImageNet 281-285)."""
     skimage_data = pytest.importorskip("skimage.data")
-    enc = encoders["efficientnet-lite0"]
+    enc = encoders[name]
     with torch.no_grad():
         logits = enc.model(enc.preprocess([Image.fromarray(skimage_data.chelsea())]))
     assert logits.shape == (1, 1000)
@@ -219,3 +224,15 @@ def test_hf_local_folder_round_trip(tmp_path, make):
     tower = getattr(model, "vision_model", model)
     with torch.no_grad():
         torch.testing.assert_close(tokens, tower(pixel_values=x).last_hidden_state)
+
+
+def test_grid_pooling_of_dinov2(encoders):
+    """dinov2-s-grid8 = the CLS token + the 16 x 16 patch tokens averaged in 2 x 2 windows (row-major)."""
+    full, pooled = encoders["dinov2-s"], encoders["dinov2-s-grid8"]
+    images = sample_images()[:2]
+    a, b = full.encode(images), pooled.encode(images)
+    patches = a[:, 1:].reshape(2, 8, 2, 8, 2, 384).mean(dim=(2, 4)).reshape(2, 64, 384)
+    torch.testing.assert_close(b, torch.cat([a[:, :1], patches], dim=1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled.pool(a.half()).float(), b, atol=2e-2, rtol=2e-2)  # from fp16 cached tokens
+    with pytest.raises(ValueError, match="cannot pool"):
+        ie.GridPooledEncoder(encoders["efficientnet-lite0"], 4)

@@ -116,7 +116,7 @@ class LaDiC(Captioner):
             self_cond = torch.where(use_sc[:, None, None], prev, self_cond)
         x0_hat = self.diffuser(x_t, t, self_cond, kv)
         latent = F.mse_loss(x0_hat, x0)
-        caption = F.cross_entropy(self.text.logits(x0_hat).flatten(0, 1), ids.flatten())
+        caption = F.cross_entropy(self.text.logits(x0_hat).flatten(0, 1), self.text.output_index(ids).flatten())
         return {"loss": latent + cfg.caption_loss_weight * caption, "latent": latent.detach(), "caption": caption.detach()}
 
     # ------------------------------------------------------------------ sampling
@@ -125,15 +125,15 @@ class LaDiC(Captioner):
 
     def _clamp(self, x0: torch.Tensor) -> torch.Tensor:
         """Snap a latent estimate to the regularised latents of its argmax tokens (all positions attended)."""
-        ids = self.text.logits(x0).argmax(-1)
+        ids = self.text.token_ids(self.text.logits(x0).argmax(-1))
         return self.text.latents_from_ids(ids, torch.ones_like(ids))
 
     def _decode_ids(self, x0: torch.Tensor, free: torch.Tensor | None = None, given_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Latent (B, L, D) -> ids (B, L). ``free`` positions take whole words only; given ids are forced."""
         logits = self.text.logits(x0)
         if free is not None:
-            logits = logits.masked_fill(free[..., None] & self.text.not_a_word, float("-inf"))
-        ids = logits.argmax(-1)
+            logits = logits.masked_fill(free[..., None] & self.text.to_output_space(self.text.not_a_word), float("-inf"))
+        ids = self.text.token_ids(logits.argmax(-1))
         if given_ids is not None:
             ids = torch.where(given_ids >= 0, given_ids, ids)
         return ids

@@ -24,6 +24,7 @@ from ladic.text_space import TextSpace
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+VOCAB_KEY = "text.lm_head.vocab_ids"  # the restricted output vocabulary, when there is one
 
 C = TypeVar("C", bound="Captioner")
 
@@ -44,9 +45,15 @@ class Captioner(nn.Module):
         self.text = TextSpace(
             config.text_backbone, config.split_layer, config.max_length,
             reassign_special=config.special_token_latent == "zero", normalize=config.normalize_latents,
-            decoder_num_layers=config.decoder_num_layers,
+            decoder_num_layers=config.decoder_num_layers, output_vocab_size=config.output_vocab_size,
         )
         self.image_encoder = image_encoder or build_image_encoder(config.image_encoder)
+
+    def restrict_output_vocab(self, token_ids: torch.Tensor) -> None:
+        """Let the LM head score only ``token_ids`` (plus the special tokens), e.g. the ids of the training
+        captions: decoding then skips the other word pieces' logits. Stored with ``save_pretrained``."""
+        self.text.set_output_vocab(token_ids)
+        self.config = self.config.replace(output_vocab_size=self.text.output_vocab_size)
 
     def core_modules(self) -> dict[str, nn.Module]:
         """Prefix -> module of the model's own trainable network (e.g. ``{"diffuser": ...}``)."""
@@ -74,7 +81,12 @@ class Captioner(nn.Module):
         return sd
 
     def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """Load what ``trainable_state_dict`` returns, with a clear error on any mismatch."""
+        """Load what ``trainable_state_dict`` returns, with a clear error on any mismatch. A restricted output
+        vocabulary in ``sd`` (``text.lm_head.vocab_ids``) is adopted with its size."""
+        vocab = sd.get(VOCAB_KEY)
+        if vocab is not None and vocab.numel() != self.text.output_vocab_size:
+            self.text.lm_head.vocab_ids = vocab.long().to(self.device)
+            self.config = self.config.replace(output_vocab_size=vocab.numel())
         own = self.trainable_state_dict()
         missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
         wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
@@ -82,7 +94,7 @@ class Captioner(nn.Module):
             parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
                      f"shape mismatch {wrong[:3]}" if wrong else ""]
             raise CheckpointError(f"{source}: weights do not match the config ({'; '.join(p for p in parts if p)})")
-        self.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+        self.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=False)
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
         """Write ``config.json`` (model type, config, latent statistics, backbone references) and ``model.safetensors``."""

@@ -42,6 +42,9 @@ class LaDiCConfig:
     normalize_latents: bool = True  # per-dimension mean/std normalisation (ablation switch)
     special_token_latent: str = "zero"  # paper Eq. 1: "zero"; "none" keeps the BERT latents (ablation)
     decoder_num_layers: int | None = None  # None = all upper layers (paper); 0 = the authors' loop bug (LM head on the latent)
+    # V' > 0: the LM head scores only V' word pieces (those of the training captions; stored with the weights).
+    # Set by ``Captioner.restrict_output_vocab`` / ``ladic train`` with ``restrict_vocab``; 0 = all word pieces.
+    output_vocab_size: int = 0
     # Sampling defaults.
     num_inference_steps: int = 5
     guidance_scale: float = 1.0  # w

@@ -60,7 +60,7 @@ def denoising_accuracy(
         for t in timesteps:
             tt = torch.full((len(sel),), t, dtype=torch.long, device=device)
             x0_hat = model.diffuser(model.diffusion.q_sample(x0, tt, noise), tt, torch.zeros_like(x0), kv)
-            correct[t] += int(((model.text.logits(x0_hat).argmax(-1) == ids) & words).sum())
+            correct[t] += int(((model.text.token_ids(model.text.logits(x0_hat).argmax(-1)) == ids) & words).sum())
         total += int(words.sum())
     return {t: correct[t] / max(total, 1) for t in timesteps}
 

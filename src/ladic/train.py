@@ -69,6 +69,12 @@ class TrainConfig:
     distill_from: str | None = None
     distill_beams: int = 3  # beam width of an AR teacher
     distill_keep_references: bool = False  # train on the teacher caption and the human captions
+    # Flip augmentation (not in the paper): every training photo also enters mirrored, with "left"/"right"
+    # swapped in its captions (ladic.data.captions.mirror_caption); the mirrored tokens are cached too.
+    flip_augment: bool = False
+    # The LM head scores only the word pieces of the training targets (+ specials) instead of all 30,522: the
+    # output layer costs a fraction, and the vocabulary is saved with the model (LaDiCConfig.output_vocab_size).
+    restrict_vocab: bool = False
     tensorboard: bool = False
     log_every: int = 50
     progress: bool = True
@@ -165,17 +171,25 @@ def load_datasets(tc: TrainConfig, model: LaDiC, progress: bool) -> tuple[Featur
 def training_features(tc: TrainConfig, model: LaDiC, records: list, cache: str | None, images: list | None,
                       progress: bool) -> FeatureSet:
     """The training set; with ``distill_from``, each image's target is the teacher's caption of it
-    (``ladic.data.distill``): the image tokens are built once, for the teacher and for the set."""
-    if not tc.distill_from:
-        return build_features(model, records, cache, images=images, progress=progress)
-    from ladic.data.distill import distill_records, teacher_captions
-
+    (``ladic.data.distill``): the image tokens are built once, for the teacher and for the set. With
+    ``flip_augment`` the mirrored photos follow, captioned by the mirrored targets."""
     tokens = build_image_features(model, records, cache, images, progress=progress)
-    sources = images if images is not None else [r.image_path for r in records]
-    caps = teacher_captions(tc.distill_from, [r.image_id for r in records], sources, tokens, model.image_encoder.name,
-                            tc.distill_beams, cache, progress=progress)
-    recs = distill_records(records, caps, tc.distill_keep_references)
-    return build_features(model, recs, cache, images=images, progress=progress, image_tokens=tokens)
+    if tc.distill_from:
+        from ladic.data.distill import distill_records, teacher_captions
+
+        sources = images if images is not None else [r.image_path for r in records]
+        caps = teacher_captions(tc.distill_from, [r.image_id for r in records], sources, tokens, model.image_encoder.name,
+                                tc.distill_beams, cache, progress=progress)
+        records = distill_records(records, caps, tc.distill_keep_references)
+    train = build_features(model, records, cache, images=images, progress=progress, image_tokens=tokens)
+    if not tc.flip_augment:
+        return train
+    from ladic.data.captions import CaptionRecord, mirror_caption
+
+    mirrored = [CaptionRecord(f"{r.image_id}#flip", r.image_path, [mirror_caption(c) for c in r.captions], r.split)
+                for r in records]
+    flipped = build_image_features(model, records, cache, images, progress=progress, flip=True)
+    return train.concat(build_features(model, mirrored, cache, images=images, progress=progress, image_tokens=flipped))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -196,7 +210,8 @@ def _ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], d
     decay = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
         for k, v in params.items():
-            ema[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
+            if v.is_floating_point():  # (the output vocabulary's ids are copied, not averaged)
+                ema[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
 
 
 def save_checkpoint(path: Path, model: LaDiC, ema: dict[str, torch.Tensor], opt, sched, step: int, tc: TrainConfig) -> None:
@@ -277,7 +292,10 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
     else:
         raise ValueError(f"unknown optimizer {tc.optimizer!r}; use 'adamw' or 'sgd'")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(tc, s))
-    ema = {k: v.detach().clone().float() for k, v in model.trainable_state_dict().items()}
+    if tc.restrict_vocab and not model.text.output_vocab_size:  # (an init_from folder may bring its own)
+        model.restrict_output_vocab(train_set.ids)
+    ema = {k: v.detach().clone().float() if v.is_floating_point() else v.clone()
+           for k, v in model.trainable_state_dict().items()}
     step = 0
     if resume and (ckpt / "weights.safetensors").is_file():
         model.load_trainable_state_dict(load_file(str(ckpt / "weights.safetensors")), source=str(ckpt))

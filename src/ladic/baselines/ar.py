@@ -191,14 +191,14 @@ class ARCaptioner(Captioner):
     def logits(
         self, image_kv: list[KV], ids: torch.Tensor, cache: list[KV] | None = None
     ) -> tuple[torch.Tensor, list[KV]]:
-        """Next-token logits (B, T, V) for ids (B, T) following the ``cache``d prefix, and the new cache."""
+        """Next-token logits (B, T, V) (V' columns over a restricted output vocabulary) for ids (B, T) following the ``cache``d prefix, and the new cache."""
         emb = self.text.embeddings.word_embeddings(ids)
         h, cache = self.decoder(emb, image_kv, cache)
         return self.text.lm_head(h), cache
 
     def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Model log-probabilities with the never-generated specials set to -inf."""
-        return logits.float().log_softmax(-1).masked_fill(self.banned, float("-inf"))
+        return logits.float().log_softmax(-1).masked_fill(self.text.to_output_space(self.banned), float("-inf"))
 
     # ------------------------------------------------------------------ training
     def draw_training_noise(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -208,7 +208,7 @@ class ARCaptioner(Captioner):
     def training_losses(self, image_feats: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Teacher-forcing cross-entropy: predict ids[:, 1:] from ids[:, :-1]; [PAD] targets are ignored."""
         logits, _ = self.logits(self.decoder.image_kv(image_feats), ids[:, :-1])
-        targets = ids[:, 1:].masked_fill(ids[:, 1:] == self.pad_id, -100)
+        targets = self.text.output_index(ids[:, 1:]).masked_fill(ids[:, 1:] == self.pad_id, -100)
         caption = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         return {"loss": caption, "latent": torch.zeros((), device=caption.device), "caption": caption.detach()}
 
@@ -224,7 +224,7 @@ class ARCaptioner(Captioner):
         """The search objective of given sequences: ids (B, T) start with [CLS]; tokens after the first [SEP]
         are not counted. Returns (B,) sum of log-probs of ids[:, 1:] / (number counted) ** length_penalty."""
         logits, _ = self.logits(self.decoder.image_kv(image_feats.to(self.device)), ids[:, :-1])
-        lp = self._log_probs(logits).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        lp = self._log_probs(logits).gather(-1, self.text.output_index(ids[:, 1:, None])).squeeze(-1)
         is_eos = ids[:, 1:] == self.eos_id
         count = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # up to and including the first [SEP]
         n = count.sum(1)
@@ -247,6 +247,7 @@ class ARCaptioner(Captioner):
             evals += 1
             lp = self._log_probs(logits[:, -1])
             best, tok = lp.max(-1)
+            tok = self.text.token_ids(tok)
             tok = tok.masked_fill(done, self.pad_id)
             total += best.masked_fill(done, 0.0)
             length += (~done).float()
@@ -278,13 +279,13 @@ class ARCaptioner(Captioner):
             evals += 1
             lp = self._log_probs(logits[:, -1]).view(b, k, -1)
             frozen = torch.full_like(lp[0, 0], float("-inf"))
-            frozen[self.pad_id] = 0.0
+            frozen[self.text.output_index(torch.tensor(self.pad_id, device=dev))] = 0.0
             lp = torch.where(done[..., None], frozen, lp)
             cand_total = total[..., None] + lp  # (b, k, V)
             cand_len = length + (~done).float()  # (b, k)
             cand_score = cand_total / cand_len.clamp_min(1)[..., None].pow(length_penalty)
             _, flat = cand_score.view(b, -1).topk(k, dim=-1)  # sorted, best first
-            beam, tok = flat // lp.shape[-1], flat % lp.shape[-1]
+            beam, tok = flat // lp.shape[-1], self.text.token_ids(flat % lp.shape[-1])
             total = cand_total.view(b, -1).gather(1, flat)
             length = cand_len.gather(1, beam)
             done = done.gather(1, beam) | (tok == self.eos_id)

@@ -52,6 +52,14 @@ def pre_paragraph(paragraph: str, max_words: int = 200) -> str:
     return " ".join(sentences)
 
 
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b")
+
+
+def mirror_caption(caption: str) -> str:
+    """The caption of the horizontally flipped photo: "left" and "right" swap places, nothing else changes."""
+    return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
+
+
 @dataclass
 class CaptionRecord:
     """One image with all of its reference captions."""

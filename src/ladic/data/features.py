@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ladic.data.captions import CaptionRecord
+from ladic.image_encoders import GridPooledEncoder
 from ladic.image_io import load_image
 from ladic.text_space import TextSpace
 
@@ -37,6 +38,17 @@ class FeatureSet:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
+    def concat(self, other: "FeatureSet") -> "FeatureSet":
+        """Both sets as one (image ids must not collide): images, captions and references appended."""
+        if set(self.image_ids) & set(other.image_ids):
+            raise ValueError("feature sets share image ids")
+        return FeatureSet(
+            images=torch.cat([self.images, other.images]), hidden=torch.cat([self.hidden, other.hidden]),
+            ids=torch.cat([self.ids, other.ids]),
+            caption_image=torch.cat([self.caption_image, other.caption_image + self.images.shape[0]]),
+            image_ids=self.image_ids + other.image_ids, references={**self.references, **other.references},
+        )
+
 
 def _key(*parts: object) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -54,12 +66,19 @@ def _cached(path: Path | None, compute, progress: bool) -> dict[str, torch.Tenso
     return out
 
 
-def encode_images(model, images: Sequence[str | Image.Image], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """Images -> (N, N_tok, D) fp16 tokens through the frozen encoder (pixels (N, 3, H, W) if it is trainable)."""
-    enc = model.image_encoder
+def encode_images(model, images: Sequence[str | Image.Image], batch_size: int = 64, progress: bool = False,
+                  flip: bool = False) -> torch.Tensor:
+    """Images -> (N, N_tok, D) fp16 tokens through the frozen encoder (pixels (N, 3, H, W) if it is trainable).
+
+    ``flip`` encodes the horizontally mirrored images (the flip augmentation of ``TrainConfig.flip_augment``).
+    """
+    enc = model.image_encoder if hasattr(model, "image_encoder") else model
     chunks = []
-    for i in tqdm(range(0, len(images), batch_size), desc=f"image features ({enc.name})", disable=not progress):
+    desc = f"image features ({enc.name}{', flipped' if flip else ''})"
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
         pil = [load_image(im) for im in images[i : i + batch_size]]
+        if flip:
+            pil = [ImageOps.mirror(im) for im in pil]
         if enc.pretrained:
             chunks.append(enc.encode(pil).half().cpu())
         else:
@@ -80,14 +99,19 @@ def encode_texts(text: TextSpace, captions: Sequence[str], batch_size: int = 256
 
 def build_image_features(model, records: Sequence[CaptionRecord], cache_dir: str | Path | None = None,
                          images: Sequence[Image.Image] | None = None, *, batch_size: int = 64,
-                         progress: bool = False) -> torch.Tensor:
-    """Image tokens (N_img, N_tok, D_img) of ``records`` (or of in-memory ``images``), cached like ``build_features``."""
-    enc = model.image_encoder
+                         progress: bool = False, flip: bool = False) -> torch.Tensor:
+    """Image tokens (N_img, N_tok, D_img) of ``records`` (or of in-memory ``images``), cached like ``build_features``;
+    ``flip``: of the horizontally mirrored images. ``model`` is a captioner or an image encoder."""
+    enc = model.image_encoder if hasattr(model, "image_encoder") else model
+    if isinstance(enc, GridPooledEncoder):  # pool the base encoder's (cached) tokens instead of re-running it
+        base = build_image_features(enc.base, records, cache_dir, images, batch_size=batch_size, progress=progress, flip=flip)
+        return torch.cat([enc.pool(chunk) for chunk in base.split(1024)])
     sources = list(images) if images is not None else [r.image_path for r in records]
     img_path = None
     if cache_dir is not None and images is None and enc.pretrained:
-        img_path = Path(cache_dir) / f"img-{enc.name.replace('/', '_').replace(':', '_')}-{_key(enc.name, getattr(enc, 'cache_key', ''), sources)}.safetensors"
-    return _cached(img_path, lambda: {"images": encode_images(model, sources, batch_size, progress)}, progress)["images"]
+        key = _key(enc.name, getattr(enc, "cache_key", ""), sources, *(["flip"] if flip else []))
+        img_path = Path(cache_dir) / f"img-{enc.name.replace('/', '_').replace(':', '_')}{'-flip' if flip else ''}-{key}.safetensors"
+    return _cached(img_path, lambda: {"images": encode_images(enc, sources, batch_size, progress, flip)}, progress)["images"]
 
 
 def build_features(
