@@ -191,3 +191,47 @@ def test_distillation_trains_on_the_teacher_captions(tmp_path, monkeypatch):
     steps = train(TrainConfig.load(None, COMMON + [f"out_dir={tmp_path / 'run'}", "max_steps=2",
                                                     f"distill_from={tmp_path / 'teacher'}"]))
     assert (steps / "model.safetensors").is_file()
+
+
+def test_flip_augmentation_adds_mirrored_photos_with_mirrored_captions(tmp_path):
+    """flip_augment: every training photo also enters mirrored ("#flip" ids), its captions with left/right swapped;
+    the mirrored image tokens are those of the mirrored photos, and are cached under their own key."""
+    from PIL import ImageOps
+
+    from ladic import LaDiC, preset
+    from ladic.data.captions import mirror_caption
+    from ladic.data.features import build_image_features
+    from ladic.data.scenes import make_scenes
+    from ladic.train import load_datasets
+
+    assert mirror_caption("a dog on the left of a man who raises his right arm") == \
+        "a dog on the right of a man who raises his left arm"
+    assert mirror_caption("the leftover bright light") == "the leftover bright light"
+    model = LaDiC(preset("tiny"))
+    plain, _, _ = load_datasets(TrainConfig.load(None, COMMON), model, progress=False)
+    both, _, _ = load_datasets(TrainConfig.load(None, COMMON + ["flip_augment=true"]), model, progress=False)
+    n_img, n_cap = plain.images.shape[0], len(plain)
+    assert both.images.shape[0] == 2 * n_img and len(both) == 2 * n_cap
+    assert both.image_ids[n_img:] == [f"{i}#flip" for i in plain.image_ids]
+    assert torch.equal(both.caption_image[n_cap:], plain.caption_image + n_img)
+    texts = model.text.ids_to_text(both.ids, collapse_repeats=False)
+    assert texts[n_cap:] == [mirror_caption(t) for t in texts[:n_cap]]
+    assert any("left" in t for t in texts[:n_cap]) and texts[n_cap:] != texts[:n_cap]
+    scenes = make_scenes(64, seed=0, size=32, max_objects=1)
+    mirrored = model.image_encoder.preprocess([ImageOps.mirror(s.image) for s in scenes])
+    assert torch.equal(both.images[n_img:], mirrored)
+    # A frozen encoder's mirrored tokens are cached next to the plain ones.
+    from ladic.image_encoders import build_image_encoder
+    from ladic.data.captions import CaptionRecord
+
+    paths = []
+    for i, s in enumerate(scenes[:3]):
+        paths.append(tmp_path / f"{i}.png")
+        s.image.save(paths[-1])
+    records = [CaptionRecord(str(i), str(p), ["x"], "train") for i, p in enumerate(paths)]
+    enc = build_image_encoder("efficientnet-lite0")
+    flipped = build_image_features(enc, records, tmp_path / "cache", flip=True)
+    assert len(list((tmp_path / "cache").glob("img-*-flip-*.safetensors"))) == 1
+    torch.testing.assert_close(flipped.float(), enc.encode([ImageOps.mirror(s.image) for s in scenes[:3]]),
+                               atol=2e-2, rtol=1e-2)
+    assert not torch.allclose(flipped, build_image_features(enc, records, tmp_path / "cache"))
