@@ -57,13 +57,19 @@ def test_a_local_folder_wins_over_a_hub_id(saved_model, hub_cache):
     assert isinstance(LaDiC.from_pretrained("someone/tiny-ladic"), LaDiC)  # nothing in the cache: the folder was used
 
 
-@pytest.mark.parametrize("name", ["someone/missing-model", "no/such/folder", "./not-here"])
+@pytest.mark.parametrize("name", ["someone/missing-model", "missing-model"])
 def test_neither_folder_nor_hub_model_is_one_line_naming_both(hub_cache, name):
     with pytest.raises(CheckpointError) as err:
         LaDiC.from_pretrained(name)
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{name}: ")
     assert "local model folder" in message and "Hugging Face Hub" in message
+
+
+@pytest.mark.parametrize("name", ["no/such/folder", "./not-here", "/abs/not-here"])
+def test_a_name_that_cannot_be_a_hub_id_is_a_missing_folder(hub_cache, name):
+    with pytest.raises(CheckpointError, match="not a LaDiC checkpoint"):
+        LaDiC.from_pretrained(name)
 
 
 def test_cli_model_accepts_a_hub_id(saved_model, hub_cache, scenes, capsys):

@@ -135,10 +135,8 @@ class Captioner(nn.Module):
 def _hub_failure(exc: Exception) -> str:
     """One short reason why the Hub could not provide a model."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-    if isinstance(exc, HFValidationError):
-        return "not a valid Hub id"
     if isinstance(exc, RepositoryNotFoundError):
         return "no such Hub repository, or it is private"
     if isinstance(exc, LocalEntryNotFoundError):
@@ -150,12 +148,18 @@ def _hub_failure(exc: Exception) -> str:
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """A local model folder as is; otherwise a Hugging Face Hub id (``"org/name"``) resolved through
     ``huggingface_hub.snapshot_download`` (the local cache first; ``HF_HUB_OFFLINE`` and ``HF_HOME`` are
-    honoured). Neither raises ``CheckpointError`` with a one-line message naming both possibilities."""
+    honoured). A valid Hub id that is neither raises ``CheckpointError`` with a one-line message naming both."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     path = Path(name_or_path)
     if path.exists():
         return path
-    from huggingface_hub import snapshot_download
-
+    try:
+        validate_repo_id(str(name_or_path))
+    except HFValidationError:
+        return path  # can only be a local path: reading it says what is missing
     try:
         return Path(snapshot_download(str(name_or_path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "*.md"]))
     except Exception as e:  # the Hub client raises many error types (validation, HTTP, offline, cache)
