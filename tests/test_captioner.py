@@ -73,6 +73,53 @@ def test_infilling_keeps_given_tokens(tiny_model, scenes):
         tiny_model.infill(scenes[0].image, "no blanks here")
 
 
+def test_a_blank_is_never_filled_with_nothing(tiny_model, scenes, monkeypatch):
+    """A blank cannot take the word given next to it (it would vanish when repeats collapse), and infilled
+    captions keep every blank's word: one word per blank, whatever the model prefers."""
+    import torch
+
+    tok = tiny_model.text.tokenizer
+    a_id = tok.convert_tokens_to_ids("a")
+    real_logits = tiny_model.text.logits
+
+    def loves_a(x):  # a model that wants "a" everywhere
+        out = real_logits(x).clone()
+        out[..., a_id] += 1e4
+        return out
+
+    monkeypatch.setattr(tiny_model.text, "logits", loves_a)
+    for template in ("two ___ standing on a ___ field", "a ___ ___ dog"):
+        out = tiny_model.infill(scenes[0].image, template, seed=0)
+        assert len(out.split()) == len(template.split()), (template, out)
+        blanks = [w for w, t in zip(out.split(), template.split()) if t == "___"]
+        for i, t in enumerate(template.split()):
+            if t == "___":
+                assert out.split()[i] not in {template.split()[i - 1], template.split()[(i + 1) % len(template.split())]} - {"___"}
+        assert "a" in blanks  # the ban is local: "a" is fine away from a given "a"
+
+
+def test_one_template_per_image(tiny_model, scenes):
+    images = [s.image for s in scenes[:3]]
+    templates = ["a ___ circle", "the ___ is on the left", "a small ___"]
+    together = tiny_model.generate(images, template=templates, seed=0).captions
+    alone = [tiny_model.infill(im, t, seed=0) for im, t in zip(images, templates)]
+    assert together == alone
+    assert together[1].startswith("the ") and together[1].endswith(" is on the left")
+    with pytest.raises(ValueError, match="templates"):
+        tiny_model.generate(images, template=templates[:2])
+
+
+def test_infill_probe_picks_the_subject_noun_and_the_verb():
+    from ladic.evaluate import infill_probe
+
+    assert infill_probe("a black dog is running through the grass", "verb") == 4
+    assert infill_probe("a black dog is running through the grass", "noun") == 2
+    assert infill_probe("two girls are playing", "noun") == 1
+    assert infill_probe("a dog in the snow", "verb") is None
+    with pytest.raises(ValueError):
+        infill_probe("a dog", "adjective")
+
+
 def test_length_control(tiny_model, scenes):
     for n in (3, 6):
         out = tiny_model.generate([s.image for s in scenes[:2]], length=n, seed=0)

@@ -129,10 +129,17 @@ class LaDiC(Captioner):
         return self.text.latents_from_ids(ids, torch.ones_like(ids))
 
     def _decode_ids(self, x0: torch.Tensor, free: torch.Tensor | None = None, given_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Latent (B, L, D) -> ids (B, L). ``free`` positions take whole words only; given ids are forced."""
+        """Latent (B, L, D) -> ids (B, L). ``free`` positions take whole words only, never the word given right
+        before or after them (a blank that repeats its neighbour would vanish when repeats collapse); given ids
+        are forced."""
         logits = self.text.logits(x0)
         if free is not None:
             logits = logits.masked_fill(free[..., None] & self.text.to_output_space(self.text.not_a_word), float("-inf"))
+        if free is not None and given_ids is not None:
+            for neighbour in (given_ids.roll(1, dims=1), given_ids.roll(-1, dims=1)):  # the ends are [CLS] / [PAD]
+                col = self.text.output_index(neighbour.clamp_min(0))[..., None]
+                ban = (free & (neighbour >= 0))[..., None]
+                logits = logits.scatter(-1, col, torch.where(ban, float("-inf"), logits.gather(-1, col)))
         ids = self.text.token_ids(logits.argmax(-1))
         if given_ids is not None:
             ids = torch.where(given_ids >= 0, given_ids, ids)
@@ -183,7 +190,7 @@ class LaDiC(Captioner):
         mbr_candidates: int = 1,
         mbr_similarity: str = "f1",
         length: int | None = None,
-        template: str | None = None,
+        template: str | Sequence[str] | None = None,
         generator: torch.Generator | None = None,
         seed: int | None = None,
         keys: Sequence[str] | None = None,
@@ -215,6 +222,8 @@ class LaDiC(Captioner):
             raise ValueError("mbr_candidates must be >= 1")
         if keys is not None and len(keys) != len(images):
             raise ValueError(f"got {len(keys)} keys for {len(images)} images")
+        if template is not None and not isinstance(template, str) and len(template) != len(images):
+            raise ValueError(f"got {len(template)} templates for {len(images)} images")
         if generator is None:
             run_seed = 0 if seed is None else seed
         else:
@@ -235,7 +244,10 @@ class LaDiC(Captioner):
         else:
             keys = [tensor_key(row) for row in images] if pil is None else [pixel_key(im) for im in pil]
         k = mbr_candidates
-        infill = self.infill_template(template) if template is not None and length is None else None
+        infill = None
+        if template is not None and length is None:  # (n, L) fixed, (n, L, D) latents, (n, L) given ids
+            templates = [template] * n if isinstance(template, str) else [t for i, t in enumerate(template) if i not in out.errors]
+            infill = tuple(torch.cat(z) for z in zip(*[self.infill_template(t) for t in templates]))
         for start in tqdm(range(0, n, batch_size), desc="captioning", disable=not progress or n <= batch_size):
             feats = images[start : start + batch_size].to(self.device) if is_feats else \
                 self.image_encoder.encode(pil[start : start + batch_size]).to(self.device)
@@ -245,12 +257,13 @@ class LaDiC(Captioner):
             if length is not None:
                 fixed, x_fixed, given = self.length_template(b, length)
             elif infill is not None:
-                fixed, x_fixed, given = (z.expand(b, *z.shape[1:]) for z in infill)
+                fixed, x_fixed, given = (z[start : start + batch_size].repeat_interleave(k, dim=0) for z in infill)
             traj: list[list[str]] = []
             callback = None
             if return_trajectory:
                 def callback(i: int, t: int, x0: torch.Tensor) -> None:
-                    traj.append(self.text.ids_to_text(self._decode_ids(x0, None if fixed is None else ~fixed, given)))
+                    traj.append(self.text.ids_to_text(self._decode_ids(x0, None if fixed is None else ~fixed, given),
+                                                      collapse_repeats=infill is None))
             ctx = self.diffuser.image_context(feats)
             generators = [g for key in keys[start : start + batch_size] for g in [photo_generator(run_seed, key)] * k]
             res: SampleResult = ddim_sample_loop(
@@ -262,7 +275,9 @@ class LaDiC(Captioner):
                 progress=progress and n <= batch_size,
             )
             out.num_evaluations += res.num_evaluations
-            texts = self.text.ids_to_text(self._decode_ids(res.x0, None if fixed is None else ~fixed, given))
+            # An infilled caption keeps every blank's word, even one that repeats the word before it.
+            texts = self.text.ids_to_text(self._decode_ids(res.x0, None if fixed is None else ~fixed, given),
+                                          collapse_repeats=infill is None)
             for j in range(0, b, k):
                 group = texts[j : j + k]
                 best = mbr_select(group, mbr_similarity)

@@ -65,6 +65,56 @@ def denoising_accuracy(
     return {t: correct[t] / max(total, 1) for t in timesteps}
 
 
+AUXILIARIES = ("is", "are")
+
+
+def infill_probe(caption: str, kind: str) -> int | None:
+    """Index of the word to blank in ``caption`` for the infilling probe, or None when it has none.
+
+    ``kind="verb"``: the main verb in Flickr-style "<subject> is/are <verb>ing" (the first word ending in
+    "ing" right after "is"/"are"); ``kind="noun"``: the subject's head noun, the word before that "is"/"are".
+    A fixed, documented heuristic (no tagger installs offline): "a black dog is running" -> noun "dog", verb
+    "running".
+    """
+    if kind not in ("noun", "verb"):
+        raise ValueError(f"unknown probe kind {kind!r}; use 'noun' or 'verb'")
+    words = caption.split()
+    for i in range(2, len(words)):
+        if words[i].endswith("ing") and len(words[i]) > 4 and words[i - 1] in AUXILIARIES:
+            return i if kind == "verb" else i - 2
+    return None
+
+
+@torch.no_grad()
+def infill_accuracy(model, feats, kind: str, batch_size: int = 64, **sampling: Any) -> dict[str, Any]:
+    """Blank one word of each image's first reference and ask ``model`` (LaDiC) to fill it back.
+
+    ``feats`` is a ``FeatureSet``; images whose first reference has no probe word (``infill_probe``) or whose
+    word is not a single word piece (one blank = one token) are skipped. Returns {"accuracy": share of blanks
+    filled with exactly the removed word, "n": images probed, "examples": a few (template, filled, word)}.
+    """
+    tok = model.text.tokenizer
+    first = torch.searchsorted(feats.caption_image, torch.arange(len(feats.image_ids)))
+    refs = model.text.ids_to_text(feats.ids[first], collapse_repeats=False)
+    rows, templates, answers = [], [], []
+    for row, ref in enumerate(refs):
+        i = infill_probe(ref, kind)
+        words = ref.split()
+        if i is None or len(tok.encode(words[i], add_special_tokens=False)) != 1:
+            continue
+        rows.append(row)
+        answers.append(words[i])
+        templates.append(" ".join(words[:i] + ["___"] + words[i + 1 :]))
+    if not rows:
+        return {"accuracy": None, "n": 0, "examples": []}
+    images = feats.images[torch.tensor(rows)].float()
+    filled = model.generate(images, template=templates, batch_size=batch_size, **sampling).captions
+    hits = [f.split()[t.split().index("___")] == a if len(f.split()) == len(t.split()) else False
+            for f, t, a in zip(filled, templates, answers)]
+    return {"accuracy": sum(hits) / len(hits), "n": len(hits),
+            "examples": [(t, f, a) for t, f, a in list(zip(templates, filled, answers))[:5]]}
+
+
 def evaluate_model(
     model_path: str | None, split: str = "val", limit: int | None = None, references: str | None = None,
     image_root: str | None = None, sampling: dict[str, Any] | None = None, **metric_kw: Any,
