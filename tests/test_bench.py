@@ -169,7 +169,7 @@ def test_ablations_train_once_then_skip(tmp_path, tiny_model, fake_split, monkey
         return MetricsResult(scores={m: 0.5 for m in bench.QUALITY_METRICS}, unavailable={}, settings="stub")
 
     monkeypatch.setattr(ladic.metrics, "coco_metrics", fake_metrics)
-    monkeypatch.setattr(bench, "_require_java", lambda: None)
+    monkeypatch.setattr(bench.ablations, "require_java", lambda: None)
     kw = dict(preset_name="tiny", max_steps=3, eval_steps=1, caption_batch=5, train_fn=fake_train, log=lambda s: None)
     res = bench.run_ablations(fake_split[:2], tmp_path / "abl", **kw)
     assert [n for n, _ in trained] == ["full", "no_caption_loss", "no_norm_reassign", "prepend_image", "dinov2_encoder"]
@@ -187,6 +187,92 @@ def test_ablations_train_once_then_skip(tmp_path, tiny_model, fake_split, monkey
     assert trained == [] and all(r["skipped_training"] for r in res["rows"])
     md = bench.ablations_markdown(res, ["toy"], bench.run_meta({}))
     assert "| full model |" in md and "Back&Refine off" in md and "restore % t=600" in md
+
+
+def test_dangling_share():
+    assert bench.dangling_share(["a dog on a", "a dog runs"]) == 0.5
+    assert bench.dangling_share(["A man sits next to the.", "two dogs play with their", "", "a girl swims"]) == 0.5
+    assert bench.dangling_share([]) == 0.0
+    assert {"a", "the", "of", "with", "and", "his", "their", "while"} <= bench.FUNCTION_WORDS
+
+
+def test_oov_share_against_training_words():
+    vocab = bench.caption_vocabulary(["A dog runs.", "the cat's toy"])
+    assert vocab == {"a", "dog", "runs", "the", "cat", "s", "toy"}
+    assert bench.caption_words("A dog's ball.") == ["a", "dog", "s", "ball"]
+    assert bench.oov_share(["a dog flies", "the cat runs"], vocab) == pytest.approx(1 / 6)
+    assert bench.oov_share(["a dog"], vocab) == 0.0 and bench.oov_share([""], vocab) == 0.0
+    assert bench.oov_share(["a dog"], None) is None
+    assert bench.caption_stats(["a dog on a"], None) == {"dangling_share": 1.0, "oov_share": None}
+
+
+def test_quality_table_stores_caption_stats(monkeypatch):
+    """Metrics and decoding stubbed: only the two caption statistics of each row are checked."""
+    import ladic.metrics
+    from ladic.metrics import MetricsResult
+
+    class FakeMemo:
+        def get(self, model, records, sampling, batch_size, progress):
+            return {"i0": "a dog runs on the", "i1": "a zebra runs"}, 1.0
+
+    monkeypatch.setattr(ladic.metrics, "coco_metrics", lambda results, refs, **kw: MetricsResult(
+        scores={m: 0.5 for m in bench.QUALITY_METRICS}, unavailable={}, settings="stub"))
+    monkeypatch.setattr(bench.quality, "require_java", lambda: None)
+    records = [CaptionRecord(f"i{i}", f"i{i}.jpg", ["a dog runs"] * 5, "val") for i in range(2)]
+    rows = bench.quality_rows("axes", steps=(1,), mbr=1, guidances=(1,), ar=False)[:1]
+    for words, oov in ((frozenset({"a", "dog", "runs", "on", "the"}), 1 / 8), (None, None)):
+        (row,) = bench.quality_table({"ladic": object()}, records, rows, memo=FakeMemo(), train_words=words,
+                                     log=lambda s: None)
+        assert row["dangling_share"] == 0.5 and row["oov_share"] == oov
+
+
+def test_markdown_shows_caption_stats_and_tolerates_old_json():
+    meta = bench.run_meta({})
+    scores = {m: 0.25 for m in bench.QUALITY_METRICS}
+    old = {"name": "old", "model": "ladic", "scores": scores, "decode_s": 1.0, "ms_per_image": 5.0}
+    new = {**old, "name": "new", "dangling_share": 0.125, "oov_share": None}
+    md = bench.quality_markdown([old, new], [], meta)
+    assert "| decode s | ms / image | dangling % | OOV words % |" in md
+    assert "| old | 25.0 | 25.0 | 25.0 | 25.0 | 1.00 | 5.0 | – | – |" in md
+    assert "| new | 25.0 | 25.0 | 25.0 | 25.0 | 1.00 | 5.0 | 12.5 | – |" in md
+    per = [{"bucket": "<=9", "images": 1, "BLEU-4": 0.5, "mean_caption_words": 8.0}]
+    res = {"buckets": [{"bucket": "<=9", "images": 1}],
+           "rows": [{"label": "old", "overall_BLEU-4": 0.5, "buckets": per},
+                    {"label": "new", "overall_BLEU-4": 0.5, "buckets": per, "dangling_share": 0.0, "oov_share": 0.02}]}
+    md = bench.lengths_markdown(res, [], meta)
+    assert "| old | 8.0 | – | – |" in md and "| new | 8.0 | 0.0 | 2.0 |" in md
+
+
+def test_session_loads_training_words_once(monkeypatch):
+    import argparse
+
+    import ladic.data.captions
+
+    calls = []
+
+    def fake_load(split):
+        calls.append(split)
+        return [CaptionRecord("i0", "i0.jpg", ["A dog runs.", "a cat"], split)]
+
+    monkeypatch.setattr(ladic.data.captions, "load_flickr8k", fake_load)
+    session = bench.Session(argparse.Namespace())
+    assert session.train_words() == {"a", "dog", "runs", "cat"} and session.train_words() is session.train_words()
+    assert calls == ["train"]
+
+    def missing(split):
+        raise FileNotFoundError("no Flickr8k")
+
+    monkeypatch.setattr(ladic.data.captions, "load_flickr8k", missing)
+    assert bench.Session(argparse.Namespace()).train_words() is None
+
+
+def test_bench_arguments_import_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from ladic.bench import add_bench_arguments; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_denoising_accuracy_counts_first_reference_words(tiny_model, fake_split, monkeypatch):

@@ -1,0 +1,208 @@
+"""``ladic bench`` command line: its options, one runner per subcommand writing its files, and the entry point.
+
+Importing this module (and ``add_bench_arguments``) needs only the standard library: torch is imported when a
+benchmark runs, so ``ladic --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ladic.bench.ablations import ABLATIONS, ablations_markdown, run_ablations
+from ladic.bench.flops import flops_markdown, flops_plot, run_flops
+from ladic.bench.latency import DEFAULT_LENGTHS, latency_markdown, latency_plot, run_latency
+from ladic.bench.lengths import DEFAULT_BUCKET_EDGES, lengths_markdown, lengths_plot, lengths_table
+from ladic.bench.quality import ladic_sampling, quality_rows, quality_table, write_quality
+from ladic.bench.report import run_meta, write_outputs
+from ladic.bench.session import Session
+from ladic.bench.text_stats import stats_note
+
+SUBCOMMANDS = ("latency", "flops", "quality", "lengths", "ablations")
+ALL = ("latency", "flops", "quality", "lengths")  # ``all``: everything except the ablations, which train
+
+
+def _ints(s: str | Sequence[int]) -> list[int]:
+    if isinstance(s, str):
+        return [int(x) for x in s.replace(" ", "").split(",") if x]
+    return [int(x) for x in s]
+
+
+def _floats(s: str | Sequence[float]) -> list[float]:
+    if isinstance(s, str):
+        return [float(x) for x in s.replace(" ", "").split(",") if x]
+    return [float(x) for x in s]
+
+
+def _bnr_modes(s: str) -> list[bool]:
+    out = []
+    for x in s.replace(" ", "").split(","):
+        if x not in ("on", "off"):
+            raise ValueError(f"--bnr takes on, off or on,off (got {s!r})")
+        out.append(x == "on")
+    return out
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``ladic bench`` beyond those cli.py declares itself."""
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--preset", default="small", help="latency/flops: preset of the randomly initialised models")
+    p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), help="latency: caption lengths N")
+    p.add_argument("--batch-sizes", default="1,64", help="latency: batch sizes")
+    p.add_argument("--steps", default="1,5,30", help="latency: LaDiC denoising steps")
+    p.add_argument("--bnr", default="on", help="latency: Back&Refine on, off or on,off (default on)")
+    p.add_argument("--guidance", type=float, default=None, help="latency: LaDiC guidance w (default: preset's, 1.0)")
+    p.add_argument("--beams", type=int, default=3, help="AR beam width of the beam rows (latency, quality, lengths)")
+    p.add_argument("--modes", default="decoder,e2e", help="latency: decoder (precomputed image tokens) and/or e2e")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before each timing")
+    p.add_argument("--flops-batch", type=int, default=64, help="flops: batch size")
+    p.add_argument("--matmul-size", type=int, default=1024, help="flops: n of the n x n reference matmul")
+    p.add_argument("--split", default="val", help="quality/lengths/ablations: Flickr8k split")
+    p.add_argument("--grid", choices=("axes", "full"), default="axes",
+                   help="quality: axes = one factor at a time per step count; full = all combinations")
+    p.add_argument("--quality-steps", default="5,30", help="quality: LaDiC step counts")
+    p.add_argument("--mbr", type=int, default=5, help="quality: MBR candidates of the MBR rows")
+    p.add_argument("--guidances", default="0,1,2", help="quality: guidance weights")
+    p.add_argument("--bert-score", action="store_true", help="quality: also BERT-Score (MiniLM; slow)")
+    p.add_argument("--caption-batch", type=int, default=64, help="quality/lengths/ablations: images per batch")
+    p.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKET_EDGES)),
+                   help="lengths: upper edges of the mean-reference-length buckets in words (9,11,13: <=9 10-11 12-13 >=14)")
+    p.add_argument("--work-dir", default=str(Path.home() / "ladic_runs" / "ablations"),
+                   help="ablations: training folders (a variant with <dir>/final is not retrained)")
+    p.add_argument("--max-steps", type=int, default=400, help="ablations: training steps per variant")
+    p.add_argument("--train-images", type=int, default=2000, help="ablations: training images")
+    p.add_argument("--variants", default=",".join(a.name for a in ABLATIONS), help="ablations: which variants")
+    p.add_argument("--progress", action="store_true", help="progress bars")
+
+
+def _cmd_latency(args: argparse.Namespace, session: Session, out_dir: Path) -> list[Path]:
+    meta = run_meta(vars(args))
+    res = run_latency(preset_name=args.preset, lengths=_ints(args.lengths), batch_sizes=_ints(args.batch_sizes),
+                      steps=_ints(args.steps), bnr=_bnr_modes(args.bnr), beams=args.beams, guidance=args.guidance,
+                      modes=[m for m in args.modes.split(",") if m], repeats=args.repeats, warmup=args.warmup,
+                      device=args.device)
+    return write_outputs(out_dir, "latency", meta, res, lambda: latency_markdown(res, meta),
+                         lambda path: latency_plot(res, path, meta))
+
+
+def _cmd_flops(args: argparse.Namespace, session: Session, out_dir: Path) -> list[Path]:
+    meta = run_meta(vars(args))
+    res = run_flops(preset_name=args.preset, batch=args.flops_batch, repeats=args.repeats, warmup=args.warmup,
+                    device=args.device, matmul_size=args.matmul_size)
+    return write_outputs(out_dir, "flops", meta, res, lambda: flops_markdown(res, meta),
+                         lambda path: flops_plot(res, path, meta))
+
+
+def _cmd_quality(args: argparse.Namespace, session: Session, out_dir: Path) -> list[Path]:
+    meta = run_meta(vars(args))
+    models = {"ladic": session.ladic(), "ar": session.ar()}
+    rows = quality_rows(args.grid, _ints(args.quality_steps), args.mbr, _floats(args.guidances), args.beams,
+                        ar=models["ar"] is not None)
+    table = quality_table(models, session.records(), rows, batch_size=args.caption_batch, bert_score=args.bert_score,
+                          memo=session.memo, progress=args.progress, train_words=session.train_words())
+    notes = session.data_notes() + [
+        "Scores x100 from `ladic.metrics.coco_metrics` (pycocoevalcap; CIDEr = CIDEr-D). "
+        + ("BERT-Score: MiniLM (not the paper's roberta-large)." if args.bert_score else "BERT-Score off."),
+        "Decode seconds: `ladic.evaluate.caption_split` (from cached image features, so image encoding is not "
+        f"included), batch {args.caption_batch}, device {args.device}; seed 0. B&R = Back&Refine; MBR k draws k "
+        "captions per image and keeps the minimum-Bayes-risk one; w = classifier-free guidance weight.",
+        stats_note(session.train_words() is not None),
+    ]
+    return write_quality(table, notes, out_dir, meta)
+
+
+def _lengths_systems(session: Session, beams: int) -> list[tuple[str, Any, dict[str, Any]]]:
+    m = session.ladic()
+    cfg = m.config
+    systems = [(f"LaDiC {cfg.num_inference_steps} steps" + (", B&R" if cfg.back_and_refine else ""), m,
+                ladic_sampling(cfg.num_inference_steps, cfg.back_and_refine, 1, cfg.guidance_scale))]
+    ar = session.ar()
+    if ar is not None:
+        systems.append(("AR greedy", ar, {"num_beams": 1}))
+        if beams > 1:
+            systems.append((f"AR beam {beams}", ar, {"num_beams": beams}))
+    return systems
+
+
+def _cmd_lengths(args: argparse.Namespace, session: Session, out_dir: Path) -> list[Path]:
+    meta = run_meta(vars(args))
+    res = lengths_table(_lengths_systems(session, args.beams), session.records(), _ints(args.buckets),
+                        batch_size=args.caption_batch, memo=session.memo, progress=args.progress,
+                        train_words=session.train_words())
+    notes = session.data_notes() + [
+        "Images are bucketed by the mean length (words, after the data set's caption cleaning) of their 5 "
+        "references, rounded to the nearest integer. BLEU-4 is corpus BLEU-4 over each bucket "
+        "(pycocoevalcap Bleu after the PTB tokenizer, as `coco_metrics`), x100.",
+        "LaDiC uses the model's default sampling (steps, Back&Refine, guidance as in its config), seed 0.",
+        stats_note(session.train_words() is not None),
+    ]
+    return write_outputs(out_dir, "lengths", meta, {"notes": notes, **res},
+                         lambda: lengths_markdown(res, notes, meta), lambda path: lengths_plot(res, path, meta))
+
+
+def _cmd_ablations(args: argparse.Namespace, session: Session, out_dir: Path) -> list[Path]:
+    meta = run_meta(vars(args))
+    wanted = [v for v in args.variants.replace(" ", "").split(",") if v]
+    known = {a.name: a for a in ABLATIONS}
+    bad = [v for v in wanted if v not in known]
+    if bad:
+        raise ValueError(f"unknown ablation variant(s) {', '.join(bad)}; choose from {', '.join(known)}")
+    chosen = [known[v] for v in wanted]
+    if any(a.model is None for a in chosen) and "full" not in wanted:
+        chosen.insert(0, known["full"])
+    res = run_ablations(session.records(), Path(args.work_dir).expanduser(), ablations=chosen,
+                        max_steps=args.max_steps, train_images=args.train_images, caption_batch=args.caption_batch,
+                        progress=args.progress)
+    notes = session.data_notes()[:1] + [
+        f"Each variant: `ladic.train.train` with preset small, Flickr8k train (first {args.train_images} images), "
+        f"{args.max_steps} steps, batch 64, seed 0, no validation; folders under {args.work_dir} "
+        "(a variant whose `final` exists is not retrained; an interrupted one resumes from its checkpoint).",
+        "Evaluation: 5 denoising steps (model defaults otherwise: guidance 1.0, Back&Refine on unless the row "
+        "turns it off), seed 0; scores x100 from `coco_metrics`.",
+    ]
+    return write_outputs(out_dir, "ablations", meta, {"notes": notes, **res},
+                         lambda: ablations_markdown(res, notes, meta))
+
+
+RUNNERS = {"latency": _cmd_latency, "flops": _cmd_flops, "quality": _cmd_quality, "lengths": _cmd_lengths,
+           "ablations": _cmd_ablations}
+
+
+def bench_cli(args: argparse.Namespace) -> int:
+    """Entry point of ``ladic bench``."""
+    what: list[str] = []
+    for w in args.what or ["latency"]:
+        names = ALL if w == "all" else (w,)
+        for n in names:
+            if n not in RUNNERS:
+                print(f"error: unknown benchmark {w!r}; choose from {', '.join(SUBCOMMANDS)} or all", file=sys.stderr)
+                return 2
+            if n not in what:
+                what.append(n)
+    # Options that cli.py may not declare (when called with a bare Namespace): fill in the defaults.
+    defaults = argparse.ArgumentParser(add_help=False)
+    add_bench_arguments(defaults)
+    for k, v in vars(defaults.parse_args([])).items():
+        if not hasattr(args, k):
+            setattr(args, k, v)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    session = Session(args)
+    failed = 0
+    for name in what:
+        try:
+            paths = RUNNERS[name](args, session, out_dir)
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            print(f"error: bench {name}: {' '.join(str(e).split())}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"bench {name}: wrote " + ", ".join(str(p) for p in paths))
+    return 2 if failed else 0
+

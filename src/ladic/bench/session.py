@@ -1,0 +1,84 @@
+"""Models, records and captions shared by the subcommands of one ``ladic bench`` run."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ladic.bench.quality import CaptionMemo
+from ladic.bench.text_stats import caption_vocabulary
+
+
+class Session:
+    """Models, records and captions shared by the subcommands of one ``ladic bench`` run."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.memo = CaptionMemo()
+        self._models: dict[str, Any] = {}
+        self._records = None
+        self._train_words: frozenset[str] | None = None
+        self._train_words_loaded = False
+
+    def ladic(self):
+        if "ladic" not in self._models:
+            from ladic.captioner import LaDiC
+            from ladic.models import load_model
+
+            m = load_model(self.args.model, device=self.args.device)
+            if not isinstance(m, LaDiC):
+                raise ValueError(f"--model {self.args.model} is not a LaDiC model folder")
+            self._models["ladic"] = m
+        return self._models["ladic"]
+
+    def ar_path(self) -> str | None:
+        """The AR baseline folder of ``--ar-model`` ("shipped": the packaged one if present; "none": no AR rows)."""
+        from ladic.baselines.ar import default_ar_model_path
+
+        choice = self.args.ar_model
+        if choice == "shipped":
+            return str(default_ar_model_path()) if default_ar_model_path().is_dir() else None
+        return None if choice in (None, "none") else choice
+
+    def ar(self):
+        path = self.ar_path()
+        if path is None:
+            return None
+        if "ar" not in self._models:
+            from ladic.baselines.ar import ARCaptioner
+            from ladic.models import load_model
+
+            m = load_model(path, device=self.args.device)
+            if not isinstance(m, ARCaptioner):
+                raise ValueError(f"--ar-model {self.args.ar_model} is not an AR baseline folder (model_type 'ar')")
+            self._models["ar"] = m
+        return self._models["ar"]
+
+    def records(self):
+        if self._records is None:
+            from ladic.data.captions import load_flickr8k
+
+            recs = load_flickr8k(self.args.split)
+            self._records = recs[: self.args.limit] if self.args.limit else recs
+        return self._records
+
+    def train_words(self) -> frozenset[str] | None:
+        """Words of the Flickr8k train references (for OOV words %), loaded once; None when Flickr8k is absent."""
+        if not self._train_words_loaded:
+            from ladic.data.captions import load_flickr8k
+
+            try:
+                records = load_flickr8k("train")
+            except FileNotFoundError:
+                records = None
+            if records is not None:
+                self._train_words = caption_vocabulary(c for r in records for c in r.captions)
+            self._train_words_loaded = True
+        return self._train_words
+
+    def data_notes(self) -> list[str]:
+        a = self.args
+        n = len(self.records())
+        notes = [f"Data: Flickr8k {a.split}, {'the first ' if a.limit else 'all '}{n} images, 5 references each."]
+        notes.append(f"LaDiC model: {a.model or 'shipped default'}; AR model: {self.ar_path() or 'none (AR rows skipped)'}.")
+        return notes
