@@ -52,6 +52,7 @@ class LaDiC(Captioner):
         self.diffusion = GaussianDiffusion(
             config.num_train_timesteps, config.beta_schedule, config.noise_factor,
             config.timestep_sampling, config.timestep_logit_mean, config.timestep_logit_std,
+            config.student_steps, config.student_timestep_prob,
         )
 
     def core_modules(self) -> dict[str, nn.Module]:
@@ -79,12 +80,17 @@ class LaDiC(Captioner):
         """All randomness of one training step for a (global) batch, on the CPU: t (B,), noise (B, L, D),
         and uniforms for the CFG drop and self-conditioning (B,). Slicing it per rank makes DDP match one process."""
         cfg = self.config
-        return {
+        draws = {
             "t": self.diffusion.sample_timesteps(batch_size, generator),
             "noise": torch.randn((batch_size, cfg.max_length, self.text.dim), generator=generator),
             "u_drop": torch.rand(batch_size, generator=generator),
             "u_self_cond": torch.rand(batch_size, generator=generator),
         }
+        if cfg.infill_self_cond_prob > 0:  # (drawn last, so that other configs keep their random stream)
+            draws["u_infill"] = torch.rand(batch_size, generator=generator)
+            draws["u_given"] = torch.rand(batch_size, generator=generator)
+            draws["u_keep"] = torch.rand((batch_size, cfg.max_length), generator=generator)
+        return draws
 
     def forward(
         self, image_inputs: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor, draws: dict[str, torch.Tensor]
@@ -114,6 +120,10 @@ class LaDiC(Captioner):
             with torch.no_grad():
                 prev = self.diffuser(x_t, t, self_cond, kv)
             self_cond = torch.where(use_sc[:, None, None], prev, self_cond)
+        if cfg.infill_self_cond_prob > 0:  # given words through self-conditioning: each position kept w.p. u_given
+            given = draws["u_keep"].to(device) < draws["u_given"].to(device)[:, None]  # (B, L)
+            use_given = (draws["u_infill"].to(device) < cfg.infill_self_cond_prob)[:, None, None]
+            self_cond = torch.where(use_given, torch.where(given[..., None], x0, 0.0), self_cond)
         x0_hat = self.diffuser(x_t, t, self_cond, kv)
         latent = F.mse_loss(x0_hat, x0)
         caption = F.cross_entropy(self.text.logits(x0_hat).flatten(0, 1), self.text.output_index(ids).flatten())
@@ -269,7 +279,8 @@ class LaDiC(Captioner):
             res: SampleResult = ddim_sample_loop(
                 guided_denoiser(self.diffuser, ctx, w), self.diffusion, (b, cfg.max_length, self.text.dim),
                 num_inference_steps=steps, generator=generators, device=self.device,
-                fixed_x0=x_fixed, fixed_mask=fixed, back_and_refine=bnr, refine_time=cfg.refine_time,
+                fixed_x0=x_fixed, fixed_mask=fixed, given_self_cond=cfg.infill_self_cond_prob > 0,
+                back_and_refine=bnr, refine_time=cfg.refine_time,
                 refine_keep=cfg.refine_keep, confidence_fn=self._confidence, callback=callback,
                 clamp_fn=self._clamp if (cfg.clamp if clamp is None else clamp) else None,
                 progress=progress and n <= batch_size,

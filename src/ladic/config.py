@@ -33,11 +33,19 @@ class LaDiCConfig:
     noise_factor: float = 1.0  # F in x_t = sqrt(ab_t) x0 + F sqrt(1 - ab_t) eps (Gao et al. 2022)
     # Training timesteps: "uniform" (paper) or "logit_normal", t = T sigmoid(n), n ~ N(mean, std^2) (SD3,
     # Esser et al. 2024): fewer steps where x_t is nearly clean or nearly pure noise.
+    # "few_step" (for a few-step student): with probability student_timestep_prob, t is one of the timesteps
+    # a 1..student_steps-step sampler evaluates the network at, otherwise uniform.
     timestep_sampling: str = "uniform"
     timestep_logit_mean: float = 0.0
     timestep_logit_std: float = 1.0
+    student_steps: int = 1
+    student_timestep_prob: float = 0.5
     caption_loss_weight: float = 0.2  # lambda
     self_condition_prob: float = 0.5
+    # Not in the paper: with this probability a training example's self-conditioning input is the true latent at a
+    # random part of its positions (zero elsewhere), and the sampler then passes given words (infilling, length
+    # control) through the self-conditioning input of its first call, where x_T is still pure noise everywhere.
+    infill_self_cond_prob: float = 0.0
     cfg_drop_prob: float = 0.1
     normalize_latents: bool = True  # per-dimension mean/std normalisation (ablation switch)
     special_token_latent: str = "zero"  # paper Eq. 1: "zero"; "none" keeps the BERT latents (ablation)
@@ -61,8 +69,12 @@ class LaDiCConfig:
             raise ValueError("max_length must leave room for [CLS], one token and [SEP]")
         if self.beta_schedule not in ("cosine", "linear"):
             raise ValueError(f"unknown beta_schedule {self.beta_schedule!r}")
-        if self.timestep_sampling not in ("uniform", "logit_normal"):
-            raise ValueError(f"unknown timestep_sampling {self.timestep_sampling!r}; use 'uniform' or 'logit_normal'")
+        if self.timestep_sampling not in ("uniform", "logit_normal", "few_step"):
+            raise ValueError(f"unknown timestep_sampling {self.timestep_sampling!r}; use 'uniform', 'logit_normal' or 'few_step'")
+        if self.student_steps < 1 or not 0 <= self.student_timestep_prob <= 1:
+            raise ValueError("student_steps must be >= 1 and student_timestep_prob in [0, 1]")
+        if not 0 <= self.infill_self_cond_prob <= 1:
+            raise ValueError("infill_self_cond_prob must be in [0, 1]")
         if self.timestep_logit_std <= 0:
             raise ValueError("timestep_logit_std must be positive")
         if self.image_conditioning not in ("cross_attn", "prepend"):

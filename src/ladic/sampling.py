@@ -79,6 +79,7 @@ def ddim_sample_loop(
     device: torch.device | str = "cpu",
     fixed_x0: torch.Tensor | None = None,
     fixed_mask: torch.Tensor | None = None,
+    given_self_cond: bool = False,
     back_and_refine: bool = False,
     refine_time: float = 0.5,
     refine_keep: float = 0.5,
@@ -92,6 +93,9 @@ def ddim_sample_loop(
     Args:
         fixed_x0, fixed_mask: (B, L, D) latents and (B, L) bool positions that are given (infilling,
             length control). After every step x0_hat takes the given latents at those positions.
+        given_self_cond: the first call's self-conditioning input holds the given latents (zero elsewhere)
+            instead of all zeros: at t = T the noisy input carries nothing, so a one-step sampler sees the given
+            words only this way (for models trained with ``infill_self_cond_prob`` > 0).
         back_and_refine: at the first step with t <= refine_time * T, keep the ``refine_keep`` fraction
             of most confident positions, replace the rest with pure Gaussian noise and start a fresh
             denoising from t = T (paper section 3.4). Needs ``confidence_fn``.
@@ -120,6 +124,8 @@ def ddim_sample_loop(
 
     x = f * randn()
     self_cond = torch.zeros(shape, device=device)
+    if given_self_cond and fixed_mask is not None:
+        self_cond = torch.where(fixed_mask[..., None], fixed_x0, self_cond)
     x0_hat = self_cond
     renoised = None
     pending_refine = back_and_refine

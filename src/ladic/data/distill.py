@@ -21,11 +21,11 @@ from ladic.data.captions import CaptionRecord
 from ladic.image_io import ImageInput
 
 
-def _teacher_key(folder: Path, num_beams: int, image_ids: Sequence[str]) -> str:
+def _teacher_key(folder: Path, num_beams: int, image_ids: Sequence[str], mbr_candidates: int = 1) -> str:
     h = hashlib.sha1()
     for name in ("config.json", "model.safetensors"):
         h.update((folder / name).read_bytes())
-    h.update(json.dumps([num_beams, list(image_ids)]).encode())
+    h.update(json.dumps([num_beams, list(image_ids)] + ([mbr_candidates] if mbr_candidates > 1 else [])).encode())
     return h.hexdigest()[:16]
 
 
@@ -37,6 +37,7 @@ def teacher_captions(
     image_tokens: torch.Tensor | None = None,
     image_encoder_name: str | None = None,
     num_beams: int = 3,
+    mbr_candidates: int = 1,
     cache_dir: str | Path | None = None,
     batch_size: int = 64,
     progress: bool = False,
@@ -49,6 +50,7 @@ def teacher_captions(
         image_tokens: (N, N_img, D_img) cached tokens of those images by ``image_encoder_name``; used when the
             teacher has the same (frozen) image encoder, otherwise the teacher encodes ``images`` itself.
         num_beams: beam width of an AR teacher (a LaDiC teacher ignores it and samples with its defaults, seed 0).
+        mbr_candidates: a LaDiC teacher's MBR candidates per image (its full sampler's MBR choice; 1 = off).
     """
     from ladic.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
     from ladic.models import load_model
@@ -58,13 +60,13 @@ def teacher_captions(
         raise CheckpointError(f"distill_from {folder}: not a model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"teacher-{_teacher_key(folder, num_beams, image_ids)}.json"
+        cache = Path(cache_dir) / f"teacher-{_teacher_key(folder, num_beams, image_ids, mbr_candidates)}.json"
         if cache.is_file():
             return json.loads(cache.read_text())
     teacher = load_model(folder)
     same = image_tokens is not None and teacher.image_encoder.pretrained and teacher.image_encoder.name == image_encoder_name
     inputs = image_tokens.float() if same else list(images)
-    beams = {"num_beams": num_beams} if teacher.model_type == "ar" else {}
+    beams = {"num_beams": num_beams} if teacher.model_type == "ar" else {"mbr_candidates": mbr_candidates}
     caps = teacher.generate(inputs, batch_size=batch_size, progress=progress, seed=0, **beams).captions
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,64 @@
+"""Few-step student pieces: training timesteps where the student samples, given words through the
+self-conditioning input, and a LaDiC teacher's MBR captions as distillation targets."""
+
+import pytest
+import torch
+
+from ladic import LaDiC, preset
+from ladic.config import LaDiCConfig
+from ladic.diffusion import GaussianDiffusion
+
+
+def test_few_step_timesteps_concentrate_where_the_student_samples():
+    d = GaussianDiffusion(1000, timestep_sampling="few_step", student_steps=2, student_prob=1.0)
+    t = d.sample_timesteps(4000, torch.Generator().manual_seed(0))
+    assert set(t.tolist()) == set(d.inference_timesteps(1)) | set(d.inference_timesteps(2)) == {999, 0}
+    d = GaussianDiffusion(1000, timestep_sampling="few_step", student_steps=1, student_prob=0.5)
+    t = d.sample_timesteps(4000, torch.Generator().manual_seed(0))
+    share = (t == 999).float().mean().item()
+    assert 0.45 < share < 0.55 and len(set(t.tolist())) > 500  # the rest stays uniform
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        LaDiCConfig(timestep_sampling="student")
+    with pytest.raises(ValueError, match="student"):
+        LaDiCConfig(student_steps=0)
+    with pytest.raises(ValueError, match="infill_self_cond_prob"):
+        LaDiCConfig(infill_self_cond_prob=2.0)
+
+
+def test_given_words_reach_the_first_call_through_self_conditioning(scenes, monkeypatch):
+    torch.manual_seed(0)
+    model = LaDiC(preset("tiny", infill_self_cond_prob=0.5)).eval()
+    seen = []
+    forward = model.diffuser.forward
+    monkeypatch.setattr(model.diffuser, "forward", lambda x, t, sc, kv: seen.append(sc.clone()) or forward(x, t, sc, kv))
+    model.infill(scenes[0].image, "a ___ circle", num_inference_steps=1, guidance_scale=0.0, back_and_refine=False)
+    fixed, x0, _ = model.infill_template("a ___ circle")
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0][0][fixed[0]], x0[0][fixed[0]])
+    assert seen[0][0][~fixed[0]].abs().sum() == 0 and x0[0][fixed[0]].abs().sum() > 0
+    seen.clear()
+    model.caption([scenes[0].image], num_inference_steps=1, guidance_scale=0.0, back_and_refine=False)
+    assert seen[0].abs().sum() == 0  # no template: the usual all-zero first self-conditioning
+    # Training: the draws carry the given-position uniforms, and the loss runs.
+    draws = model.draw_training_noise(4, torch.Generator().manual_seed(0))
+    assert draws["u_keep"].shape == (4, model.config.max_length) and "u_infill" in draws
+    x0, ids = model.encode_captions([s.captions[0] for s in scenes[:4]])
+    losses = model.training_losses(model.encode_images([s.image for s in scenes[:4]]), x0, ids, draws)
+    assert torch.isfinite(losses["loss"])
+    plain = LaDiC(preset("tiny"))
+    assert "u_keep" not in plain.draw_training_noise(4, torch.Generator().manual_seed(0))
+
+
+def test_a_ladic_teacher_with_mbr_writes_the_targets(tmp_path, scenes):
+    from ladic.data.distill import teacher_captions
+
+    torch.manual_seed(0)
+    teacher = LaDiC(preset("tiny"))
+    teacher.save_pretrained(tmp_path / "teacher")
+    images = [s.image for s in scenes]
+    ids = [f"s{i}" for i in range(len(images))]
+    caps = teacher_captions(tmp_path / "teacher", ids, images, mbr_candidates=3, cache_dir=tmp_path / "cache")
+    loaded = LaDiC.from_pretrained(tmp_path / "teacher")
+    assert caps == loaded.caption(images, mbr_candidates=3, seed=0)
+    teacher_captions(tmp_path / "teacher", ids, images, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("teacher-*.json"))) == 2  # MBR and plain: two cache entries
