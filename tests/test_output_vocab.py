@@ -98,3 +98,25 @@ def test_training_with_restrict_vocab(tmp_path, model_type):
     tuned = train(TrainConfig.load(None, common[:-2] + [f"model_type={model_type}", f"out_dir={tmp_path / 'b'}",
                                                         "max_steps=1", f"init_from={final}"]))
     assert torch.equal(load_model(tuned).text.lm_head.vocab_ids, model.text.lm_head.vocab_ids)
+
+
+def test_export_restricts_a_model_folder(tmp_path, tiny_model):
+    """``ladic export <model folder> <out> --restrict-vocab <captions.json>``: the vocabulary of the train split."""
+    import json
+    import subprocess
+    import sys
+
+    data = {"images": [
+        {"filename": "a.jpg", "split": "train", "sentences": [{"raw": "A dog runs."}, {"raw": "A brown dog!"}]},
+        {"filename": "b.jpg", "split": "val", "sentences": [{"raw": "A zebra."}]},
+    ]}
+    (tmp_path / "caps.json").write_text(json.dumps(data))
+    tiny_model.save_pretrained(tmp_path / "m")
+    r = subprocess.run([sys.executable, "-m", "ladic.cli", "export", str(tmp_path / "m"), str(tmp_path / "r"),
+                        "--restrict-vocab", str(tmp_path / "caps.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    model = load_model(tmp_path / "r")
+    tok = model.text.tokenizer
+    words = {tok.convert_ids_to_tokens(i) for i in model.text.lm_head.vocab_ids.tolist()}
+    assert {"a", "dog", "runs", "brown"} <= words and "zebra" not in words and "[SEP]" in words
+    assert model.config.output_vocab_size == len(words)

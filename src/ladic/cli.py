@@ -246,20 +246,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import load_file
 
+    from ladic.checkpoint import CONFIG_NAME
     from ladic.config import preset
-    from ladic.models import model_class
+    from ladic.models import load_model, model_class
     from ladic.train import TrainConfig
 
     _quiet_transformers()
-    ckpt = Path(args.checkpoint)
-    tc = TrainConfig(**json.loads((ckpt / "train_config.json").read_text()))
-    model = model_class(tc.model_type)(preset(tc.preset, **tc.model))
-    stats = json.loads((ckpt / "latent_stats.json").read_text())
-    model.text.latent_mean.copy_(torch.tensor(stats["mean"]))
-    model.text.latent_std.copy_(torch.tensor(stats["std"]))
-    model.load_trainable_state_dict(load_file(str(ckpt / ("weights.safetensors" if args.raw else "ema.safetensors"))))
+    src = Path(args.checkpoint)
+    if (src / CONFIG_NAME).is_file():  # a model folder: re-export it (e.g. with a restricted vocabulary)
+        model, what = load_model(src), "weights"
+    else:
+        tc = TrainConfig(**json.loads((src / "train_config.json").read_text()))
+        model = model_class(tc.model_type)(preset(tc.preset, **tc.model))
+        stats = json.loads((src / "latent_stats.json").read_text())
+        model.text.latent_mean.copy_(torch.tensor(stats["mean"]))
+        model.text.latent_std.copy_(torch.tensor(stats["std"]))
+        model.load_trainable_state_dict(load_file(str(src / ("weights.safetensors" if args.raw else "ema.safetensors"))))
+        what = "raw weights" if args.raw else "EMA weights"
+    if args.restrict_vocab:
+        from ladic.data.captions import load_flickr8k, load_karpathy
+
+        if args.restrict_vocab == "flickr8k":
+            records = load_flickr8k("train")
+        else:
+            records = load_karpathy(args.restrict_vocab, args.image_root or ".", "train")
+        captions = [c for r in records for c in r.captions]
+        model.restrict_output_vocab(model.text.tokenize(captions)["input_ids"])
+        what += f", output vocabulary restricted to the {model.text.output_vocab_size} word pieces of {len(captions)} training captions"
     model.save_pretrained(args.out, dtype=torch.float16 if args.fp16 else None)
-    print(f"exported {'raw' if args.raw else 'EMA'} weights of {ckpt} to {args.out}")
+    print(f"exported {what} of {src} to {args.out}")
     return 0
 
 
@@ -321,11 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoint")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="write a training checkpoint's EMA weights as a model folder")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("export", help="write a training checkpoint's EMA weights (or a model folder) as a model folder")
+    p.add_argument("checkpoint", help="<out_dir>/checkpoint of a training run, or a model folder")
     p.add_argument("out")
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    p.add_argument("--restrict-vocab", metavar="DATA",
+                   help="let the LM head score only the word pieces of DATA's train captions ('flickr8k' or a "
+                        "Karpathy/BLIP caption JSON): same captions, a fraction of the output layer's cost")
+    p.add_argument("--image-root", help="image folder of a caption JSON (only its captions are read)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="caption metrics for a results file or a model on a dataset split")
