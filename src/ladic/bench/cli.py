@@ -58,6 +58,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beams", type=int, default=3, help="AR beam width of the beam rows (latency, quality, lengths)")
     p.add_argument("--modes", default="decoder,e2e", help="latency: decoder (precomputed image tokens) and/or e2e")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before each timing")
+    p.add_argument("--image-encoder", default=None, help="latency: image encoder of the timed models (default: the preset's)")
+    p.add_argument("--restrict-vocab", action="store_true",
+                   help="latency: restrict both LM heads to the word pieces of the Flickr8k train captions")
     p.add_argument("--flops-batch", type=int, default=64, help="flops: batch size")
     p.add_argument("--matmul-size", type=int, default=1024, help="flops: n of the n x n reference matmul")
     p.add_argument("--split", default="val", help="quality/lengths/ablations: Flickr8k split")
@@ -80,10 +83,16 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 def _cmd_latency(args: argparse.Namespace, session: Session, out_dir: Path) -> list[Path]:
     meta = run_meta(vars(args))
+    vocab = None
+    if args.restrict_vocab:
+        from ladic.text_space import TextSpace
+
+        text = TextSpace()
+        vocab = text.tokenize([c for r in session.train_records() for c in r.captions])["input_ids"]
     res = run_latency(preset_name=args.preset, lengths=_ints(args.lengths), batch_sizes=_ints(args.batch_sizes),
                       steps=_ints(args.steps), bnr=_bnr_modes(args.bnr), beams=args.beams, guidance=args.guidance,
                       modes=[m for m in args.modes.split(",") if m], repeats=args.repeats, warmup=args.warmup,
-                      device=args.device)
+                      device=args.device, image_encoder=args.image_encoder, output_vocab=vocab)
     return write_outputs(out_dir, "latency", meta, res, lambda: latency_markdown(res, meta),
                          lambda path: latency_plot(res, path, meta))
 

@@ -35,16 +35,21 @@ def latency_systems(steps: Sequence[int], bnr: Sequence[bool], beams: int) -> li
     return out + [LatencySystem("AR", beams=1)] + ([LatencySystem("AR", beams=beams)] if beams > 1 else [])
 
 
-def build_timing_models(preset_name: str, length: int, image_encoder, device: str):
+def build_timing_models(preset_name: str, length: int, image_encoder, device: str, output_vocab=None):
     """Randomly initialised LaDiC (sequence of ``length`` latents) and AR baseline (``length`` decode steps)
-    sharing ``image_encoder``. The AR model never emits [SEP], so it always runs all ``length`` steps."""
+    sharing ``image_encoder``. The AR model never emits [SEP], so it always runs all ``length`` steps.
+    ``output_vocab`` (token ids) restricts both LM heads to those word pieces."""
     from ladic.baselines.ar import ARCaptioner
     from ladic.captioner import LaDiC
     from ladic.config import preset
 
-    ladic = LaDiC(preset(preset_name, max_length=length), image_encoder=image_encoder).to(device).eval()
-    ar = ARCaptioner(preset(preset_name, max_length=length + 1), image_encoder=image_encoder).to(device).eval()
+    name = image_encoder.name
+    ladic = LaDiC(preset(preset_name, max_length=length, image_encoder=name), image_encoder=image_encoder).to(device).eval()
+    ar = ARCaptioner(preset(preset_name, max_length=length + 1, image_encoder=name), image_encoder=image_encoder).to(device).eval()
     ar.banned[ar.eos_id] = True  # forced length: no early stop, exactly `length` new tokens
+    if output_vocab is not None:
+        ladic.restrict_output_vocab(output_vocab)
+        ar.restrict_output_vocab(output_vocab)
     return ladic, ar
 
 
@@ -52,9 +57,12 @@ def run_latency(
     *, preset_name: str = "small", lengths: Sequence[int] = DEFAULT_LENGTHS, batch_sizes: Sequence[int] = (1, 64),
     steps: Sequence[int] = (1, 5, 30), bnr: Sequence[bool] = (True,), beams: int = 3, guidance: float | None = None,
     modes: Sequence[str] = ("decoder", "e2e"), repeats: int = 5, warmup: int = 1, device: str = "cpu",
-    log: Callable[[str], None] = print,
+    image_encoder: str | None = None, output_vocab=None, log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Time ``generate`` for every (length, batch, mode, system). Returns {"notes", "rows"}."""
+    """Time ``generate`` for every (length, batch, mode, system). Returns {"notes", "rows"}.
+
+    ``image_encoder``: registry name (default: the preset's); ``output_vocab``: token ids (e.g. of the training
+    captions) that both LM heads are restricted to (default: all word pieces)."""
     import torch
 
     from ladic.config import preset
@@ -66,7 +74,7 @@ def run_latency(
             raise ValueError(f"unknown latency mode {m!r}; use decoder and/or e2e")
     cfg0 = preset(preset_name)
     w = cfg0.guidance_scale if guidance is None else guidance
-    encoder = build_image_encoder(cfg0.image_encoder).to(device).eval()
+    encoder = build_image_encoder(image_encoder or cfg0.image_encoder).to(device).eval()
     photos = {b: example_photos(b) for b in batch_sizes}
     with torch.inference_mode():
         feats = {b: encoder.encode([load_image(p) for p in photos[b]]).to(device).float() for b in batch_sizes}
@@ -74,7 +82,8 @@ def run_latency(
     rows: list[dict[str, Any]] = []
     for length in lengths:
         torch.manual_seed(0)
-        ladic, ar = build_timing_models(preset_name, length, encoder, device)
+        ladic, ar = build_timing_models(preset_name, length, encoder, device, output_vocab)
+        vocab_size = ladic.text.output_vocab_size or len(ladic.text.tokenizer)
         for b in batch_sizes:
             for mode in modes:
                 inputs = feats[b] if mode == "decoder" else photos[b]
@@ -99,7 +108,8 @@ def run_latency(
         del ladic, ar
     notes = [
         f"Models: `{preset_name}` preset, randomly initialised (timing does not depend on the weights); "
-        f"image encoder {cfg0.image_encoder}, shared by both systems.",
+        f"image encoder {encoder.name} ({encoder.num_tokens} tokens), shared by both systems; LM heads over "
+        + f"{vocab_size} word pieces" + (" (restricted to the training captions')." if output_vocab is not None else "."),
         "Length N: LaDiC denoises a sequence of N latents (`max_length=N`, [CLS] and [SEP] included); the AR "
         "baseline (`max_length=N+1`) runs exactly N decode steps after [CLS] (N new tokens, KV cache on): its "
         "[SEP] is banned for the benchmark, so no sequence stops early. One `generate` call per timing.",

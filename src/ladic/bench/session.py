@@ -62,6 +62,12 @@ class Session:
             self._records = recs[: self.args.limit] if self.args.limit else recs
         return self._records
 
+    def train_records(self):
+        """The Flickr8k train records (raises FileNotFoundError when Flickr8k is absent)."""
+        from ladic.data.captions import load_flickr8k
+
+        return load_flickr8k("train")
+
     def train_words(self) -> frozenset[str] | None:
         """Words of the Flickr8k train references (for OOV words %), loaded once; None when Flickr8k is absent."""
         if not self._train_words_loaded:
