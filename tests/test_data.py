@@ -219,3 +219,32 @@ def test_flickr8k_real_data():
     for r in train[:3] + val[:3]:
         assert Path(r.image_path).is_file()
         assert all(c == pre_caption(c) and c for c in r.captions)
+
+
+def test_consensus_reference_is_the_one_the_others_agree_with():
+    from ladic.data.captions import consensus_index
+
+    refs = [
+        ["a man rides a red bike", "a cat sleeps", "a man is riding a red bike down the street", "a man rides a bike",
+         "a man on a red bike rides"],
+        ["two dogs play in the snow", "two dogs are playing in snow", "dogs in the snow", "a bowl of soup"],
+        ["only one"],
+    ]
+    best = consensus_index(refs)
+    assert best[2] == 0
+    assert refs[0][best[0]] != "a cat sleeps" and refs[1][best[1]] != "a bowl of soup"
+    assert best[1] in (0, 1)
+
+
+def test_training_on_consensus_references(tmp_path):
+    from ladic import LaDiC, preset
+    from ladic.train import TrainConfig, load_datasets
+
+    common = ["preset=tiny", "data=scenes", "num_scenes=16", "scene_size=32", "val_images=0", "progress=false"]
+    model = LaDiC(preset("tiny"))
+    full, _, _ = load_datasets(TrainConfig.load(None, common), model, progress=False)
+    one, _, _ = load_datasets(TrainConfig.load(None, common + ["references=consensus"]), model, progress=False)
+    assert len(one) == 16 and one.caption_image.tolist() == list(range(16)) and len(full) > 16
+    assert all(len(v) == 1 and v[0] in full.references[k] for k, v in one.references.items())
+    with pytest.raises(ValueError, match="references"):
+        load_datasets(TrainConfig.load(None, common + ["references=best"]), model, progress=False)

@@ -73,6 +73,9 @@ class TrainConfig:
     # Flip augmentation (not in the paper): every training photo also enters mirrored, with "left"/"right"
     # swapped in its captions (ladic.data.captions.mirror_caption); the mirrored tokens are cached too.
     flip_augment: bool = False
+    # Training references: "all" (every human caption) or "consensus" (one per image: the caption with the highest
+    # CIDEr-D against the image's other captions, ladic.data.captions.consensus_index); not in the paper.
+    references: str = "all"
     # The LM head scores only the word pieces of the training targets (+ specials) instead of all 30,522: the
     # output layer costs a fraction, and the vocabulary is saved with the model (LaDiCConfig.output_vocab_size).
     restrict_vocab: bool = False
@@ -175,6 +178,13 @@ def training_features(tc: TrainConfig, model: LaDiC, records: list, cache: str |
     (``ladic.data.distill``): the image tokens are built once, for the teacher and for the set. With
     ``flip_augment`` the mirrored photos follow, captioned by the mirrored targets."""
     tokens = build_image_features(model, records, cache, images, progress=progress)
+    if tc.references == "consensus":
+        from ladic.data.captions import CaptionRecord, consensus_index
+
+        best = consensus_index([list(r.captions) for r in records])
+        records = [CaptionRecord(r.image_id, r.image_path, [r.captions[k]], r.split) for r, k in zip(records, best)]
+    elif tc.references != "all":
+        raise ValueError(f"unknown references {tc.references!r}; use 'all' or 'consensus'")
     if tc.distill_from:
         from ladic.data.distill import distill_records, teacher_captions
 

@@ -60,6 +60,28 @@ def mirror_caption(caption: str) -> str:
     return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
 
 
+def consensus_index(references: list[list[str]]) -> list[int]:
+    """For each image's references, the index of the consensus reference: the one with the highest CIDEr-D
+    (pycocoevalcap's ``Cider``) against the image's other references, document frequencies over all images.
+    Images with a single reference get 0. Captions must already be cleaned (``pre_caption``): no tokenizer runs.
+    """
+    from pycocoevalcap.cider.cider import Cider
+
+    best = [0] * len(references)
+    top = [float("-inf")] * len(references)
+    for k in range(max((len(r) for r in references), default=0)):
+        ids = [i for i, r in enumerate(references) if len(r) > max(k, 1)]
+        if not ids:
+            continue
+        gts = {i: references[i][:k] + references[i][k + 1 :] for i in ids}
+        res = {i: [references[i][k]] for i in ids}
+        _, scores = Cider().compute_score(gts, res)
+        for i, score in zip(ids, scores):
+            if score > top[i]:
+                best[i], top[i] = k, float(score)
+    return best
+
+
 @dataclass
 class CaptionRecord:
     """One image with all of its reference captions."""
