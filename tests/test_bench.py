@@ -300,3 +300,30 @@ def test_denoising_accuracy_counts_first_reference_words(tiny_model, fake_split,
 
 def test_bad_subcommand():
     assert main(["bench", "nope"]) == 2
+
+
+def test_curves_read_training_logs(tmp_path):
+    import json
+
+    from ladic.bench.curves import curves_markdown, read_curve
+
+    run = tmp_path / "arm-a"
+    run.mkdir()
+    lines = [
+        {"step": 50, "loss": 3.0, "elapsed_s": 60.0},
+        {"val": {"step": 100, "CIDEr": 0.2, "BLEU-4": 0.05, "examples": ["a dog"]}},
+        {"step": 150, "loss": 2.0, "elapsed_s": 180.0},
+        {"val": {"step": 200, "CIDEr": 0.3, "BLEU-4": 0.08, "examples": ["a dog runs"]}},
+        {"val": {"step": 200, "CIDEr": 0.35, "BLEU-4": 0.09, "examples": ["a dog runs fast"]}},  # after a resume
+    ]
+    (run / "log.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"torn")
+    c = read_curve(run)
+    assert c["steps"] == [100, 200] and c["CIDEr"] == [0.2, 0.35] and c["elapsed_s"] == 180.0
+    assert c["examples"] == ["a dog runs fast"]
+    from ladic.bench.report import run_meta
+
+    meta = run_meta({})
+    md = curves_markdown([c], ["recipe"], meta)
+    assert "| arm-a | 20.0 | 35.0 | 35.0 |" in md
+    with pytest.raises(FileNotFoundError, match="training log"):
+        read_curve(tmp_path / "nothing")

@@ -21,7 +21,7 @@ from ladic.bench.report import run_meta, write_outputs
 from ladic.bench.session import Session
 from ladic.bench.text_stats import stats_note
 
-SUBCOMMANDS = ("latency", "flops", "quality", "lengths", "ablations")
+SUBCOMMANDS = ("latency", "flops", "quality", "lengths", "ablations", "curves")
 ALL = ("latency", "flops", "quality", "lengths")  # ``all``: everything except the ablations, which train
 
 
@@ -78,6 +78,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=400, help="ablations: training steps per variant")
     p.add_argument("--train-images", type=int, default=2000, help="ablations: training images")
     p.add_argument("--variants", default=",".join(a.name for a in ABLATIONS), help="ablations: which variants")
+    p.add_argument("--runs", default="", help="curves: comma-separated `ladic train` out_dirs")
+    p.add_argument("--notes", default="", help="curves: a sentence for the table's notes (e.g. the recipe)")
     p.add_argument("--progress", action="store_true", help="progress bars")
 
 
@@ -176,8 +178,22 @@ def _cmd_ablations(args: argparse.Namespace, session: Session, out_dir: Path) ->
                          lambda: ablations_markdown(res, notes, meta))
 
 
+def _cmd_curves(args: argparse.Namespace, session: Session, out_dir: Path) -> list[Path]:
+    from ladic.bench.curves import curves_markdown, curves_plot, read_curve
+
+    meta = run_meta(vars(args))
+    runs = [r for r in args.runs.split(",") if r]
+    if not runs:
+        raise ValueError("bench curves needs --runs dir1,dir2,...")
+    curves = [read_curve(Path(r).expanduser()) for r in runs]
+    notes = ([args.notes] if args.notes else []) + [
+        "Validation as `ladic train` logs it (EMA weights, the run's val_images / val_steps); scores x100."]
+    return write_outputs(out_dir, "curves", meta, {"curves": curves}, lambda: curves_markdown(curves, notes, meta),
+                         lambda path: curves_plot(curves, path, meta))
+
+
 RUNNERS = {"latency": _cmd_latency, "flops": _cmd_flops, "quality": _cmd_quality, "lengths": _cmd_lengths,
-           "ablations": _cmd_ablations}
+           "ablations": _cmd_ablations, "curves": _cmd_curves}
 
 
 def bench_cli(args: argparse.Namespace) -> int:
