@@ -235,3 +235,12 @@ def test_flip_augmentation_adds_mirrored_photos_with_mirrored_captions(tmp_path)
     torch.testing.assert_close(flipped.float(), enc.encode([ImageOps.mirror(s.image) for s in scenes[:3]]),
                                atol=2e-2, rtol=1e-2)
     assert not torch.allclose(flipped, build_image_features(enc, records, tmp_path / "cache"))
+
+
+def test_validation_logs_restore_accuracy_for_ladic(tmp_path):
+    """LaDiC validation records the share of noised reference tokens one denoiser call restores (restore@t)."""
+    sets = [kv for kv in COMMON if not kv.startswith(("val_images", "eval_every"))]
+    train(TrainConfig.load(None, sets + [f"out_dir={tmp_path}", "max_steps=2", "eval_every=2", "val_images=4"]))
+    vals = [json.loads(line)["val"] for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"val"' in line]
+    assert len(vals) == 1 and vals[0]["step"] == 2
+    assert all(0.0 <= vals[0][f"restore@{t}"] <= 1.0 for t in (300, 600, 900))

@@ -263,10 +263,14 @@ def validate(model: LaDiC, ema: dict[str, torch.Tensor], val: FeatureSet, tc: Tr
     model.eval()
     inputs = images if images is not None else val.images.float()
     caps = model.generate(inputs, num_inference_steps=tc.val_steps, seed=tc.seed, batch_size=64).captions
+    out: dict[str, Any] = {"examples": caps[:3]}
+    if hasattr(model, "diffuser"):  # LaDiC: the share of noised reference tokens one denoiser call restores
+        from ladic.evaluate import denoising_accuracy
+
+        out.update({f"restore@{t}": acc for t, acc in denoising_accuracy(model, val, seed=tc.seed).items()})
     model.load_trainable_state_dict(live)
     model.train()
     results = dict(zip(val.image_ids, caps))
-    out: dict[str, Any] = {"examples": caps[:3]}
     if java_available()[0]:
         scores = coco_metrics(results, val.references, bert_score_model=None).scores
         out.update({k: v for k, v in scores.items() if v is not None})

@@ -13,7 +13,7 @@ from typing import Any
 
 from ladic.bench.report import fmt_score, markdown_header, md_table, pyplot, save_figure
 
-CURVE_METRICS = ("CIDEr", "BLEU-4")
+CURVE_METRICS = ("CIDEr", "BLEU-4", "restore@600", "restore@900")  # restore@t: LaDiC runs only
 
 
 def read_curve(run: str | Path) -> dict[str, Any]:
@@ -43,11 +43,16 @@ def read_curve(run: str | Path) -> dict[str, Any]:
     return out
 
 
+def _present(curves: Sequence[dict[str, Any]]) -> list[str]:
+    """The metrics that at least one run logged."""
+    return [m for m in CURVE_METRICS if any(v is not None for c in curves for v in c[m])]
+
+
 def curves_markdown(curves: Sequence[dict[str, Any]], notes: Sequence[str], meta: dict[str, Any]) -> str:
     steps = sorted({s for c in curves for s in c["steps"]})
     parts = [markdown_header("Validation curves of training runs", meta)]
     parts += [f"- {n}" for n in notes]
-    for m in CURVE_METRICS:
+    for m in _present(curves):
         rows = []
         for c in curves:
             by_step = dict(zip(c["steps"], c[m]))
@@ -62,8 +67,10 @@ def curves_markdown(curves: Sequence[dict[str, Any]], notes: Sequence[str], meta
 
 def curves_plot(curves: Sequence[dict[str, Any]], path: Path, meta: dict[str, Any]) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(6 * len(CURVE_METRICS), 4.2))
-    for ax, m in zip(axes, CURVE_METRICS):
+    metrics = _present(curves) or list(CURVE_METRICS[:1])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.2), squeeze=False)
+    axes = axes[0]
+    for ax, m in zip(axes, metrics):
         for c in curves:
             pts = [(s, v * 100) for s, v in zip(c["steps"], c[m]) if v is not None]
             if pts:
