@@ -16,12 +16,13 @@ Subcommands (``ladic bench WHAT ...``; ``all`` = latency flops quality lengths):
 - ``lengths``: corpus BLEU-4 per bucket of mean reference length (words) for LaDiC and AR (paper Fig. 2b).
 - ``ablations``: Table-5 style ablations, each trained with the same short budget via ``ladic.train.train``
   (resumable, skipped when ``<work-dir>/<variant>/final`` exists), then scored like ``quality``.
+- ``curves``: the validation curves of ``ladic train`` runs (``--runs``) side by side, from their ``log.jsonl``.
 
 Every file written starts with the command line, the date (UTC) and the machine (CPU model, cores, torch
 version and threads).
 
 Modules: ``report`` (run description, markdown/JSON/PNG helpers), ``timing``, ``latency``, ``flops``,
-``quality``, ``lengths``, ``text_stats`` (dangling % and OOV words %), ``ablations``, ``session`` (models and
+``quality``, ``lengths``, ``curves``, ``text_stats`` (dangling % and OOV words %), ``ablations``, ``session`` (models and
 captions shared by one run) and ``cli`` (options, runners, ``bench_cli``). Nothing here imports torch at
 import time.
 """
