@@ -66,13 +66,18 @@ def _cached(path: Path | None, compute, progress: bool) -> dict[str, torch.Tenso
     return out
 
 
+def image_encoder_of(model):
+    """The image encoder of a captioner, or ``model`` itself when it is an encoder."""
+    return model.image_encoder if hasattr(model, "image_encoder") else model
+
+
 def encode_images(model, images: Sequence[str | Image.Image], batch_size: int = 64, progress: bool = False,
                   flip: bool = False) -> torch.Tensor:
     """Images -> (N, N_tok, D) fp16 tokens through the frozen encoder (pixels (N, 3, H, W) if it is trainable).
 
     ``flip`` encodes the horizontally mirrored images (the flip augmentation of ``TrainConfig.flip_augment``).
     """
-    enc = model.image_encoder if hasattr(model, "image_encoder") else model
+    enc = image_encoder_of(model)
     chunks = []
     desc = f"image features ({enc.name}{', flipped' if flip else ''})"
     for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
@@ -102,7 +107,7 @@ def build_image_features(model, records: Sequence[CaptionRecord], cache_dir: str
                          progress: bool = False, flip: bool = False) -> torch.Tensor:
     """Image tokens (N_img, N_tok, D_img) of ``records`` (or of in-memory ``images``), cached like ``build_features``;
     ``flip``: of the horizontally mirrored images. ``model`` is a captioner or an image encoder."""
-    enc = model.image_encoder if hasattr(model, "image_encoder") else model
+    enc = image_encoder_of(model)
     if isinstance(enc, GridPooledEncoder):  # pool the base encoder's (cached) tokens instead of re-running it
         base = build_image_features(enc.base, records, cache_dir, images, batch_size=batch_size, progress=progress, flip=flip)
         return torch.cat([enc.pool(chunk) for chunk in base.split(1024)])
