@@ -327,3 +327,36 @@ def test_curves_read_training_logs(tmp_path):
     assert "| arm-a | 20.0 | 35.0 | 35.0 |" in md
     with pytest.raises(FileNotFoundError, match="training log"):
         read_curve(tmp_path / "nothing")
+
+
+def _row(name, model, ms, cider):
+    return {"name": name, "model": model, "ms_per_image": ms, "images": 3, "scores": {"CIDEr": cider},
+            "dangling_share": 0.0, "oov_share": 0.0, "decode_s": ms * 3e-3}
+
+
+def test_pareto_rows_front_and_merge(tmp_path):
+    from ladic.bench import pareto
+
+    names = [r.name for r in pareto.student_rows((1, 2), mbr=5)]
+    assert names == ["student 1 step", "student 1 step + MBR 5", "student 2 steps", "student 2 steps + MBR 5"]
+    assert all(r.sampling["guidance_scale"] == 0.0 and not r.sampling["clamp"] for r in pareto.student_rows())
+    teacher = pareto.teacher_rows((5, 30))
+    assert len(teacher) == 8 and {(r.sampling["back_and_refine"], r.sampling["clamp"]) for r in teacher} == {
+        (True, True), (True, False), (False, True), (False, False)}
+    assert [r.name for r in pareto.ar_rows(3)] == ["AR greedy", "AR beam 3"]
+
+    rows = [_row("AR greedy", "ar", 30, 0.48), _row("student 1 step", "student", 20, 0.50),
+            _row("teacher 5 steps, B&R, clamp", "teacher", 150, 0.49), _row("student 2 steps", "student", 40, 0.52)]
+    assert pareto.pareto_front(rows) == {"student 1 step", "student 2 steps"}
+    # A later run re-measures one row and adds none: the others are kept, in system order.
+    merged = pareto.merge_rows(rows, [_row("student 1 step", "student", 25, 0.51)])
+    assert [r["model"] for r in merged] == ["student", "student", "teacher", "ar"]
+    assert next(r for r in merged if r["name"] == "student 1 step")["ms_per_image"] == 25
+
+    meta = bench.run_meta({"what": ["pareto"]})
+    pareto.write_pareto(merged, ["toy"], tmp_path, meta)
+    _check_header(tmp_path, "pareto")
+    assert pareto.read_rows(tmp_path / "pareto.json") == merged
+    assert pareto.read_rows(tmp_path / "missing.json") == []
+    md = (tmp_path / "pareto.md").read_text()
+    assert "| student 2 steps | 40.0 |" in md and "| yes |" in md

@@ -39,6 +39,11 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parent / "assets" / "ladic-small-flickr8k"
 
 
+def full_model_path() -> Path:
+    """The shipped full-sampler model (5 steps, Back&Refine, clamping): the few-step student's teacher."""
+    return Path(__file__).resolve().parent / "assets" / "ladic-small-flickr8k"
+
+
 def is_blank(word: str) -> bool:
     return word in BLANK_MARKERS or (len(word) >= 2 and set(word) == {"_"})
 

@@ -17,12 +17,15 @@ Subcommands (``ladic bench WHAT ...``; ``all`` = latency flops quality lengths):
 - ``ablations``: Table-5 style ablations, each trained with the same short budget via ``ladic.train.train``
   (resumable, skipped when ``<work-dir>/<variant>/final`` exists), then scored like ``quality``.
 - ``curves``: the validation curves of ``ladic train`` runs (``--runs``) side by side, from their ``log.jsonl``.
+- ``pareto``: CIDEr against decoding ms/image for the few-step student (1/2 steps +/- MBR), the full-sampler
+  teacher (5/30 steps x Back&Refine x clamping) and the AR baseline (greedy, beam) in one table and plot;
+  ``--systems`` measures some of them now and keeps the other rows already in ``--out-dir``.
 
 Every file written starts with the command line, the date (UTC) and the machine (CPU model, cores, torch
 version and threads).
 
 Modules: ``report`` (run description, markdown/JSON/PNG helpers), ``timing``, ``latency``, ``flops``,
-``quality``, ``lengths``, ``curves``, ``text_stats`` (dangling % and OOV words %), ``ablations``, ``session`` (models and
+``quality``, ``lengths``, ``curves``, ``pareto``, ``text_stats`` (dangling % and OOV words %), ``ablations``, ``session`` (models and
 captions shared by one run) and ``cli`` (options, runners, ``bench_cli``). Nothing here imports torch at
 import time.
 """

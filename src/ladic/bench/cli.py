@@ -21,7 +21,7 @@ from ladic.bench.report import run_meta, write_outputs
 from ladic.bench.session import Session
 from ladic.bench.text_stats import stats_note
 
-SUBCOMMANDS = ("latency", "flops", "quality", "lengths", "ablations", "curves")
+SUBCOMMANDS = ("latency", "flops", "quality", "lengths", "ablations", "curves", "pareto")
 ALL = ("latency", "flops", "quality", "lengths")  # ``all``: everything except the ablations, which train
 
 
@@ -80,6 +80,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", default=",".join(a.name for a in ABLATIONS), help="ablations: which variants")
     p.add_argument("--runs", default="", help="curves: comma-separated `ladic train` out_dirs")
     p.add_argument("--notes", default="", help="curves: a sentence for the table's notes (e.g. the recipe)")
+    p.add_argument("--student", default=None, help="pareto: the few-step student (default: the shipped default model)")
+    p.add_argument("--teacher", default=None, help="pareto: the full-sampler model (default: the shipped one)")
+    p.add_argument("--systems", default="student,teacher,ar",
+                   help="pareto: which systems to measure now (rows of the others already in --out-dir are kept)")
+    p.add_argument("--student-steps", default="1,2", help="pareto: the student's step counts")
+    p.add_argument("--teacher-steps", default="5,30", help="pareto: the teacher's step counts")
     p.add_argument("--progress", action="store_true", help="progress bars")
 
 
@@ -192,7 +198,47 @@ def _cmd_curves(args: argparse.Namespace, session: Session, out_dir: Path) -> li
                          lambda path: curves_plot(curves, path, meta))
 
 
-RUNNERS = {"latency": _cmd_latency, "flops": _cmd_flops, "quality": _cmd_quality, "lengths": _cmd_lengths,
+def _cmd_pareto(args: argparse.Namespace, session: Session, out_dir: Path) -> list[Path]:
+    import time
+
+    from ladic.bench.pareto import SYSTEMS, ar_rows, merge_rows, read_rows, student_rows, teacher_rows, write_pareto
+
+    meta = run_meta(vars(args))
+    systems = [x for x in args.systems.replace(" ", "").split(",") if x]
+    bad = [x for x in systems if x not in SYSTEMS]
+    if bad:
+        raise ValueError(f"unknown system(s) {', '.join(bad)}; choose from {', '.join(SYSTEMS)}")
+    models: dict[str, Any] = {}
+    rows = []
+    if "student" in systems:
+        models["student"] = session.student()
+        rows += student_rows(_ints(args.student_steps), args.mbr)
+    if "teacher" in systems:
+        models["teacher"] = session.teacher()
+        rows += teacher_rows(_ints(args.teacher_steps), models["teacher"].config.guidance_scale)
+    if "ar" in systems and session.ar() is not None:
+        models["ar"] = session.ar()
+        rows += ar_rows(args.beams)
+    new = quality_table(models, session.records(), rows, batch_size=args.caption_batch, memo=session.memo,
+                        progress=args.progress, train_words=session.train_words())
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    for r in new:
+        r["measured"] = stamp
+    merged = merge_rows(read_rows(out_dir / "pareto.json"), new)
+    notes = session.data_notes()[:1] + [
+        f"Student: {args.student or 'the shipped default model'}; teacher: {args.teacher or 'the shipped full-sampler model'}; "
+        f"AR: {session.ar_path() or 'none'}.",
+        "ms / image: decoding only (`ladic.evaluate.caption_split` from cached image tokens, image encoding "
+        f"excluded), batch {args.caption_batch}, seed 0, torch threads {args.threads or 'default'}. Rows measured in "
+        "separate runs (the measured column) ran on the same machine with the same thread count.",
+        "Scores x100 (pycocoevalcap; CIDEr = CIDEr-D). B&R = Back&Refine; MBR k keeps the minimum-Bayes-risk "
+        "caption of k draws; the student samples without guidance, B&R or clamping.",
+        stats_note(session.train_words() is not None),
+    ]
+    return write_pareto(merged, notes, out_dir, meta)
+
+
+RUNNERS = {"pareto": _cmd_pareto, "latency": _cmd_latency, "flops": _cmd_flops, "quality": _cmd_quality, "lengths": _cmd_lengths,
            "ablations": _cmd_ablations, "curves": _cmd_curves}
 
 

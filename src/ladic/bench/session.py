@@ -20,16 +20,30 @@ class Session:
         self._train_words: frozenset[str] | None = None
         self._train_words_loaded = False
 
-    def ladic(self):
-        if "ladic" not in self._models:
+    def _ladic_at(self, key: str, path, option: str):
+        if key not in self._models:
             from ladic.captioner import LaDiC
             from ladic.models import load_model
 
-            m = load_model(self.args.model, device=self.args.device)
+            m = load_model(path, device=self.args.device)
             if not isinstance(m, LaDiC):
-                raise ValueError(f"--model {self.args.model} is not a LaDiC model folder")
-            self._models["ladic"] = m
-        return self._models["ladic"]
+                raise ValueError(f"{option} {path} is not a LaDiC model folder")
+            self._models[key] = m
+        return self._models[key]
+
+    def ladic(self):
+        """The LaDiC model of ``--model`` (default: the shipped default)."""
+        return self._ladic_at("ladic", self.args.model, "--model")
+
+    def student(self):
+        """``bench pareto``: the few-step student of ``--student`` (default: the shipped default model)."""
+        return self._ladic_at("student", self.args.student, "--student")
+
+    def teacher(self):
+        """``bench pareto``: the full-sampler model of ``--teacher`` (default: the shipped full-sampler model)."""
+        from ladic.captioner import full_model_path
+
+        return self._ladic_at("teacher", self.args.teacher or full_model_path(), "--teacher")
 
     def ar_path(self) -> str | None:
         """The AR baseline folder of ``--ar-model`` ("shipped": the packaged one if present; "none": no AR rows)."""

@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,12 +22,30 @@ from ladic.data.captions import CaptionRecord
 from ladic.image_io import ImageInput
 
 
-def _teacher_key(folder: Path, num_beams: int, image_ids: Sequence[str], mbr_candidates: int = 1) -> str:
+def _teacher_key(folder: Path, num_beams: int, image_ids: Sequence[str], mbr_candidates: int = 1,
+                 sampler: dict[str, Any] | None = None) -> str:
     h = hashlib.sha1()
     for name in ("config.json", "model.safetensors"):
         h.update((folder / name).read_bytes())
-    h.update(json.dumps([num_beams, list(image_ids)] + ([mbr_candidates] if mbr_candidates > 1 else [])).encode())
+    extra = ([mbr_candidates] if mbr_candidates > 1 else []) + ([sorted(sampler.items())] if sampler else [])
+    h.update(json.dumps([num_beams, list(image_ids)] + extra).encode())
     return h.hexdigest()[:16]
+
+
+def _shard_and_gather(run, n: int) -> list[str]:
+    """``run(indices)`` on this rank's share of ``range(n)`` (every world-th item); all ranks get all results."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return run(list(range(n)))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = run(list(range(rank, n, world)))
+    parts: list[list[str] | None] = [None] * world
+    dist.all_gather_object(parts, mine)
+    out = [""] * n
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
 
 
 @torch.no_grad()
@@ -41,6 +60,7 @@ def teacher_captions(
     cache_dir: str | Path | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    sampler: dict[str, Any] | None = None,
 ) -> list[str]:
     """The teacher's caption of every image, one string per image.
 
@@ -51,6 +71,9 @@ def teacher_captions(
             teacher has the same (frozen) image encoder, otherwise the teacher encodes ``images`` itself.
         num_beams: beam width of an AR teacher (a LaDiC teacher ignores it and samples with its defaults, seed 0).
         mbr_candidates: a LaDiC teacher's MBR candidates per image (its full sampler's MBR choice; 1 = off).
+        sampler: overrides of a LaDiC teacher's sampler settings (e.g. ``{"guidance_scale": 0.0}``); part of the key.
+
+    Under torchrun every rank captions every world-th image and all ranks receive all captions.
     """
     from ladic.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
     from ladic.models import load_model
@@ -60,14 +83,25 @@ def teacher_captions(
         raise CheckpointError(f"distill_from {folder}: not a model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"teacher-{_teacher_key(folder, num_beams, image_ids, mbr_candidates)}.json"
+        cache = Path(cache_dir) / f"teacher-{_teacher_key(folder, num_beams, image_ids, mbr_candidates, sampler)}.json"
         if cache.is_file():
             return json.loads(cache.read_text())
     teacher = load_model(folder)
     same = image_tokens is not None and teacher.image_encoder.pretrained and teacher.image_encoder.name == image_encoder_name
     inputs = image_tokens.float() if same else list(images)
-    beams = {"num_beams": num_beams} if teacher.model_type == "ar" else {"mbr_candidates": mbr_candidates}
-    caps = teacher.generate(inputs, batch_size=batch_size, progress=progress, seed=0, **beams).captions
+    if teacher.model_type == "ar":
+        if sampler:
+            raise ValueError("sampler overrides apply to a LaDiC teacher, not the AR baseline")
+        kwargs: dict[str, Any] = {"num_beams": num_beams}
+    else:
+        kwargs = {"mbr_candidates": mbr_candidates, **(sampler or {})}
+
+    def run(idx: list[int]) -> list[str]:
+        # the noise is drawn per photo (ladic.photo_seed): a caption does not depend on the rank or batch
+        part = inputs[idx] if isinstance(inputs, torch.Tensor) else [inputs[i] for i in idx]
+        return teacher.generate(part, batch_size=batch_size, progress=progress, seed=0, **kwargs).captions
+
+    caps = _shard_and_gather(run, len(image_ids))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
