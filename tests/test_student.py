@@ -62,3 +62,52 @@ def test_a_ladic_teacher_with_mbr_writes_the_targets(tmp_path, scenes):
     assert caps == loaded.caption(images, mbr_candidates=3, seed=0)
     teacher_captions(tmp_path / "teacher", ids, images, cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("teacher-*.json"))) == 2  # MBR and plain: two cache entries
+
+
+def _teacher_rank(rank: int, world: int, folder: str, init: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from ladic.data.scenes import make_scenes
+    from ladic.data.distill import teacher_captions
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    images = [s.image for s in make_scenes(7, seed=3, size=32)]
+    caps = teacher_captions(folder, [f"s{i}" for i in range(7)], images, sampler={"guidance_scale": 0.0},
+                            batch_size=2)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(caps, f)
+    dist.destroy_process_group()
+
+
+def test_teacher_captions_sampler_overrides_and_two_ranks(tmp_path):
+    """Sampler overrides reach the teacher (and its cache key); two ranks each caption every other image and
+    both end with the one-process list."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from ladic.data.distill import teacher_captions
+    from ladic.data.scenes import make_scenes
+
+    torch.manual_seed(0)
+    LaDiC(preset("tiny")).save_pretrained(tmp_path / "teacher")
+    images = [s.image for s in make_scenes(7, seed=3, size=32)]
+    ids = [f"s{i}" for i in range(7)]
+    one = teacher_captions(tmp_path / "teacher", ids, images, sampler={"guidance_scale": 0.0},
+                           cache_dir=tmp_path / "cache")
+    loaded = LaDiC.from_pretrained(tmp_path / "teacher")
+    assert one == loaded.caption(images, guidance_scale=0.0, seed=0)
+    teacher_captions(tmp_path / "teacher", ids, images, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("teacher-*.json"))) == 2  # w = 0 and the default: two entries
+    from ladic.baselines.ar import ARCaptioner
+
+    ARCaptioner(preset("tiny")).save_pretrained(tmp_path / "ar")
+    with pytest.raises(ValueError, match="LaDiC teacher"):
+        teacher_captions(tmp_path / "ar", ids, images, sampler={"guidance_scale": 0.0})
+
+    mp.spawn(_teacher_rank, args=(2, str(tmp_path / "teacher"), str(tmp_path / "init"), str(tmp_path / "caps")),
+             nprocs=2)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"caps.{rank}").read_text()) == one

@@ -31,12 +31,19 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
-def _add_sampling(p: argparse.ArgumentParser) -> None:
+def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model folder or Hugging Face Hub id org/name (default: the shipped model)")
-    p.add_argument("--steps", type=int, default=None, help="denoising iterations (default 5)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight w (default 1.0)")
+    p.add_argument("--full", action="store_true",
+                   help="the shipped full-sampler model (5 steps, Back&Refine, clamping) instead of the default")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    _add_model(p)
+    p.add_argument("--steps", type=int, default=None, help="denoising iterations (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance weight w (default: the model's)")
     p.add_argument("--back-and-refine", action=argparse.BooleanOptionalAction, default=None,
-                   help="Back&Refine at t = T/2 (default on)")
+                   help="Back&Refine at t = T/2 (default: the model's)")
     p.add_argument("--mbr", type=int, default=1, help="MBR over this many candidates per image (default 1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
@@ -379,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="local web demo on 127.0.0.1")
-    p.add_argument("--model")
+    _add_model(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default="cpu")
@@ -389,6 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "full", False):
+        if args.model is not None:
+            print("error: --full picks the shipped full-sampler model; give --model or --full, not both", file=sys.stderr)
+            return 2
+        from ladic.captioner import full_model_path
+
+        args.model = str(full_model_path())
     try:
         return args.func(args)
     except KeyboardInterrupt:
