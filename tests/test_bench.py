@@ -360,3 +360,20 @@ def test_pareto_rows_front_and_merge(tmp_path):
     assert pareto.read_rows(tmp_path / "missing.json") == []
     md = (tmp_path / "pareto.md").read_text()
     assert "| student 2 steps | 40.0 |" in md and "| yes |" in md
+
+
+def test_infill_table_tiny(tmp_path, tiny_model, scenes):
+    from ladic.bench.infill import infill_markdown, infill_table
+    from ladic.data.features import build_features
+
+    caps = ["a dog is running on the grass", "two girls are playing in the park", "a red car parked"]
+    records = [CaptionRecord(f"i{i}", "", [c] * 5, "val") for i, c in enumerate(caps)]
+    feats = build_features(tiny_model, records, images=[s.image for s in scenes[:3]])
+    systems = [("tiny 1 step", tiny_model, dict(num_inference_steps=1, guidance_scale=0.0, back_and_refine=False))]
+    (row,) = infill_table(systems, feats, batch_size=2, log=lambda s: None)
+    assert row["noun"]["n"] == 2 and row["verb"]["n"] == 2  # "a red car parked" has no probe word
+    assert 0.0 <= row["noun"]["accuracy"] <= 1.0
+    templates = [t for t, _, _ in row["verb"]["examples"]]
+    assert templates == ["a dog is ___ on the grass", "two girls are ___ in the park"]
+    md = infill_markdown([row], ["toy"], bench.run_meta({"what": ["infill"]}))
+    assert "| tiny 1 step |" in md and "(n = 2)" in md

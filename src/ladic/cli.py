@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency / quality benchmarks (writes tables and plots)")
     p.add_argument("what", nargs="*", default=["latency"],
-                   help="latency, flops, quality, lengths, ablations, curves, pareto, or all (= the first four; default latency)")
+                   help="latency, flops, quality, lengths, ablations, curves, pareto, infill, or all (= the first four; default latency)")
     p.add_argument("--model", help="LaDiC model folder (default: shipped)")
     p.add_argument("--ar-model", default="shipped",
                    help="AR baseline folder (default: the shipped baseline; 'none' skips the AR rows)")

@@ -20,6 +20,8 @@ Subcommands (``ladic bench WHAT ...``; ``all`` = latency flops quality lengths):
 - ``pareto``: CIDEr against decoding ms/image for the few-step student (1/2 steps +/- MBR), the full-sampler
   teacher (5/30 steps x Back&Refine x clamping) and the AR baseline (greedy, beam) in one table and plot;
   ``--systems`` measures some of them now and keeps the other rows already in ``--out-dir``.
+- ``infill``: share of blanked subject nouns / main verbs of val references that the student (per step count)
+  and the full-sampler teacher fill back exactly.
 
 Every file written starts with the command line, the date (UTC) and the machine (CPU model, cores, torch
 version and threads).

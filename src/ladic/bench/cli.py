@@ -21,7 +21,7 @@ from ladic.bench.report import run_meta, write_outputs
 from ladic.bench.session import Session
 from ladic.bench.text_stats import stats_note
 
-SUBCOMMANDS = ("latency", "flops", "quality", "lengths", "ablations", "curves", "pareto")
+SUBCOMMANDS = ("latency", "flops", "quality", "lengths", "ablations", "curves", "pareto", "infill")
 ALL = ("latency", "flops", "quality", "lengths")  # ``all``: everything except the ablations, which train
 
 
@@ -238,7 +238,31 @@ def _cmd_pareto(args: argparse.Namespace, session: Session, out_dir: Path) -> li
     return write_pareto(merged, notes, out_dir, meta)
 
 
-RUNNERS = {"pareto": _cmd_pareto, "latency": _cmd_latency, "flops": _cmd_flops, "quality": _cmd_quality, "lengths": _cmd_lengths,
+def _cmd_infill(args: argparse.Namespace, session: Session, out_dir: Path) -> list[Path]:
+    from ladic.bench.infill import infill_markdown, infill_table
+    from ladic.data.features import build_features
+    from ladic.evaluate import feature_cache_dir
+
+    meta = run_meta(vars(args))
+    student, teacher = session.student(), session.teacher()
+    feats = build_features(student, session.records(), feature_cache_dir(), progress=args.progress)
+    systems = [(f"student {s} step{'s' if s > 1 else ''}", student,
+                dict(num_inference_steps=s, guidance_scale=0.0, back_and_refine=False, clamp=False, seed=0))
+               for s in _ints(args.student_steps)]
+    systems.append(("teacher, full sampler (its config)", teacher, {"seed": 0}))
+    rows = infill_table(systems, feats, batch_size=args.caption_batch)
+    notes = session.data_notes()[:1] + [
+        "Each image's first reference loses one word: the subject's head noun or the main verb of a "
+        "'<subject> is/are <verb>ing' caption (`ladic.evaluate.infill_probe`; references without one, or whose "
+        "word is more than one word piece, are skipped). The model fills the blank (`generate(template=...)`); "
+        "a hit is the exact removed word.",
+        f"Student: {args.student or 'the shipped default model'}; teacher: {args.teacher or 'the shipped full-sampler model'}.",
+    ]
+    return write_outputs(out_dir, "infill", meta, {"notes": notes, "rows": rows},
+                         lambda: infill_markdown(rows, notes, meta))
+
+
+RUNNERS = {"infill": _cmd_infill, "pareto": _cmd_pareto, "latency": _cmd_latency, "flops": _cmd_flops, "quality": _cmd_quality, "lengths": _cmd_lengths,
            "ablations": _cmd_ablations, "curves": _cmd_curves}
 
 
