@@ -111,3 +111,19 @@ def test_teacher_captions_sampler_overrides_and_two_ranks(tmp_path):
              nprocs=2)
     for rank in range(2):
         assert json.loads((tmp_path / f"caps.{rank}").read_text()) == one
+
+
+def test_dangling_teacher_captions_fall_back_to_the_consensus_reference():
+    from ladic.data.captions import CaptionRecord, ends_on_function_word
+    from ladic.data.distill import replace_dangling
+
+    refs = ["a dog runs on the grass", "a dog runs on grass", "a brown dog runs on the grass", "a cat sleeps"]
+    records = [CaptionRecord("a", "a.jpg", refs, "train"), CaptionRecord("b", "b.jpg", refs, "train")]
+    teacher = ["a dog is running in front of a", "a dog runs on the grass"]
+    assert ends_on_function_word(teacher[0]) and not ends_on_function_word(teacher[1])
+    fixed = replace_dangling(teacher, records, "reference")
+    assert fixed[1] == teacher[1]  # complete captions stay
+    assert fixed[0] == "a dog runs on the grass"  # the reference closest (CIDEr-D) to the other three
+    assert replace_dangling(teacher, records, "keep") == teacher
+    with pytest.raises(ValueError, match="distill_dangling"):
+        replace_dangling(teacher, records, "drop")

@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence, Set
 from typing import Any
 
 from ladic.bench.report import fmt_score
+from ladic.data.captions import FUNCTION_WORDS, caption_words, ends_on_function_word
 
-FUNCTION_WORDS = frozenset({
-    "a", "an", "the",  # articles
-    "of", "in", "on", "at", "to", "with", "for", "from", "by", "into", "onto", "near", "under", "over",
-    "through", "across", "between", "beside", "toward", "towards", "against", "along",  # prepositions
-    "and", "or", "but", "nor", "while", "as", "than", "because",  # conjunctions
-    "his", "her", "its", "their", "my", "your", "our", "whose",  # possessives
-})  # a caption ending on one of these ("a dog runs on the") is cut off mid-phrase
 STATS_HEADERS = ("dangling %", "OOV words %")
 MISSING = "–"
-_WORD = re.compile(r"[a-z0-9]+")
-
-
-def caption_words(caption: str) -> list[str]:
-    """The words of a caption: lowercase letter/digit runs ("A dog's ball." -> a, dog, s, ball)."""
-    return _WORD.findall(caption.lower())
 
 
 def caption_vocabulary(captions: Iterable[str]) -> frozenset[str]:
@@ -34,8 +21,7 @@ def dangling_share(captions: Sequence[str]) -> float:
     """Share of captions whose last word is in ``FUNCTION_WORDS``; 0.0 for no captions."""
     if not captions:
         return 0.0
-    ends = [caption_words(c)[-1:] for c in captions]
-    return sum(bool(e) and e[0] in FUNCTION_WORDS for e in ends) / len(captions)
+    return sum(map(ends_on_function_word, captions)) / len(captions)
 
 
 def oov_share(captions: Iterable[str], vocabulary: Set[str] | None) -> float | None:
@@ -60,4 +46,4 @@ def stats_note(vocabulary_known: bool) -> str:
     """The notes line that explains the two columns."""
     oov = "the Flickr8k train references" + ("" if vocabulary_known else f" (not found here, hence {MISSING})")
     return (f"{STATS_HEADERS[0]}: captions whose last word is an article, preposition, conjunction or possessive "
-            f"(`ladic.bench.text_stats.FUNCTION_WORDS`); {STATS_HEADERS[1]}: caption words that never occur in {oov}.")
+            f"(`ladic.data.captions.FUNCTION_WORDS`); {STATS_HEADERS[1]}: caption words that never occur in {oov}.")

@@ -60,6 +60,27 @@ def mirror_caption(caption: str) -> str:
     return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
 
 
+FUNCTION_WORDS = frozenset({
+    "a", "an", "the",  # articles
+    "of", "in", "on", "at", "to", "with", "for", "from", "by", "into", "onto", "near", "under", "over",
+    "through", "across", "between", "beside", "toward", "towards", "against", "along",  # prepositions
+    "and", "or", "but", "nor", "while", "as", "than", "because",  # conjunctions
+    "his", "her", "its", "their", "my", "your", "our", "whose",  # possessives
+})  # a caption ending on one of these ("a dog runs on the") is cut off mid-phrase
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def caption_words(caption: str) -> list[str]:
+    """The words of a caption: lowercase letter/digit runs ("A dog's ball." -> a, dog, s, ball)."""
+    return _WORD.findall(caption.lower())
+
+
+def ends_on_function_word(caption: str) -> bool:
+    """True when the caption's last word is in ``FUNCTION_WORDS`` ("a dog runs on the")."""
+    words = caption_words(caption)
+    return bool(words) and words[-1] in FUNCTION_WORDS
+
+
 def consensus_index(references: list[list[str]]) -> list[int]:
     """For each image's references, the index of the consensus reference: the one with the highest CIDEr-D
     (pycocoevalcap's ``Cider``) against the image's other references, document frequencies over all images.

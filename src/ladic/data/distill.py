@@ -110,6 +110,23 @@ def teacher_captions(
     return caps
 
 
+def replace_dangling(captions: Sequence[str], records: Sequence[CaptionRecord], mode: str) -> list[str]:
+    """``mode="reference"``: each teacher caption that ends on a function word (``ends_on_function_word``) becomes
+    the consensus human reference of its image (``consensus_index``); ``"keep"``: the captions unchanged."""
+    from ladic.data.captions import consensus_index, ends_on_function_word
+
+    if mode == "keep":
+        return list(captions)
+    if mode != "reference":
+        raise ValueError(f"unknown distill_dangling {mode!r}; use 'keep' or 'reference'")
+    bad = [i for i, c in enumerate(captions) if ends_on_function_word(c)]
+    best = consensus_index([list(records[i].captions) for i in bad])
+    out = list(captions)
+    for i, k in zip(bad, best):
+        out[i] = records[i].captions[k]
+    return out
+
+
 def distill_records(records: Sequence[CaptionRecord], captions: Sequence[str], keep_references: bool) -> list[CaptionRecord]:
     """Records whose captions are ``[teacher caption]`` (followed by the human ones if ``keep_references``)."""
     if len(captions) != len(records):
@@ -120,4 +137,4 @@ def distill_records(records: Sequence[CaptionRecord], captions: Sequence[str], k
     ]
 
 
-__all__ = ["teacher_captions", "distill_records"]
+__all__ = ["teacher_captions", "replace_dangling", "distill_records"]
