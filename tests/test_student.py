@@ -127,3 +127,47 @@ def test_dangling_teacher_captions_fall_back_to_the_consensus_reference():
     assert replace_dangling(teacher, records, "keep") == teacher
     with pytest.raises(ValueError, match="distill_dangling"):
         replace_dangling(teacher, records, "drop")
+
+
+def test_length_conditioning_pieces(tmp_path, scenes):
+    """The length embedding starts at zero (a model initialised from one without it denoises identically), the
+    template takes one length per row, MBR candidates get the k most likely lengths, and training adds the
+    length loss."""
+    torch.manual_seed(0)
+    plain = LaDiC(preset("tiny"))
+    plain.save_pretrained(tmp_path / "plain")
+    model = LaDiC(preset("tiny", length_conditioning=True)).eval()
+    fresh = model.load_folder_weights(tmp_path / "plain", missing_ok=True)
+    assert sorted(fresh) == ["diffuser.length_emb.weight", "diffuser.length_head.bias", "diffuser.length_head.weight"]
+    with pytest.raises(Exception, match="missing"):
+        LaDiC(preset("tiny", length_conditioning=True)).load_folder_weights(tmp_path / "plain")
+    images = [s.image for s in scenes[:3]]
+    ctx = model.diffuser.image_context(model.encode_images(images))
+    assert torch.equal(model.diffuser.add_length(ctx, torch.tensor([0, 3, 5])), ctx)
+
+    fixed, _, given = model.length_template(3, torch.tensor([1, 2, 4]))
+    assert model.caption_lengths(given).tolist() == [1, 2, 4]
+    assert (given == -1).sum(1).tolist() == [1, 2, 4] and fixed.sum(1).tolist() == [model.config.max_length - n for n in (1, 2, 4)]
+    logits = model.diffuser.predict_length(ctx)
+    assert logits.shape == (3, model.config.max_length + 1) and torch.isinf(logits[:, 0]).all()
+    lengths = model.predicted_lengths(ctx.repeat_interleave(2, dim=0), 2)
+    top2 = logits.topk(2, dim=-1).indices
+    assert lengths.tolist() == top2.reshape(-1).tolist()
+
+    sampling = dict(num_inference_steps=1, guidance_scale=0.0, back_and_refine=False, seed=0)
+    caps = model.generate(images, **sampling).captions
+    n_words = [len(model.text.tokenizer.encode(c, add_special_tokens=False)) for c in caps]
+    assert n_words == top2[:, 0].tolist()  # exactly the predicted number of word pieces
+    out = model.generate(images, mbr_candidates=2, **sampling)
+    assert [[len(model.text.tokenizer.encode(c, add_special_tokens=False)) for c in group]
+            for group in out.candidates] == top2.tolist()
+    assert all(len(model.text.tokenizer.encode(c, add_special_tokens=False)) == 3
+               for c in model.caption(images, length=3, **sampling))
+
+    model.train()
+    x0, ids = model.encode_captions([s.captions[0] for s in scenes[:3]])
+    losses = model.training_losses(model.encode_images(images), x0, ids,
+                                   model.draw_training_noise(3, torch.Generator().manual_seed(0)))
+    assert torch.isfinite(losses["length"]) and losses["length"] > 0
+    losses["loss"].backward()
+    assert model.diffuser.length_head.weight.grad.abs().sum() > 0

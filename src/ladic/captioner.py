@@ -95,6 +95,8 @@ class LaDiC(Captioner):
             draws["u_infill"] = torch.rand(batch_size, generator=generator)
             draws["u_given"] = torch.rand(batch_size, generator=generator)
             draws["u_keep"] = torch.rand((batch_size, cfg.max_length), generator=generator)
+        if cfg.length_conditioning:
+            draws["u_length"] = torch.rand(batch_size, generator=generator)
         return draws
 
     def forward(
@@ -118,7 +120,15 @@ class LaDiC(Captioner):
         t, noise = draws["t"].to(device), draws["noise"].to(device)
         x_t = self.diffusion.q_sample(x0, t, noise)
         drop = draws["u_drop"].to(device) < cfg.cfg_drop_prob
-        kv = self.diffuser.image_kv(self.diffuser.image_context(image_feats, drop))
+        ctx = self.diffuser.image_context(image_feats, drop)
+        length_loss = None
+        if cfg.length_conditioning:  # predict N from the image; condition on N (or on "unknown")
+            lengths = self.caption_lengths(ids).clamp(min=1)
+            if (~drop).any():
+                length_loss = F.cross_entropy(self.diffuser.predict_length(ctx[~drop]), lengths[~drop])
+            known = torch.where(draws["u_length"].to(device) < cfg.length_drop_prob, 0, lengths)
+            ctx = self.diffuser.add_length(ctx, known)
+        kv = self.diffuser.image_kv(ctx)
         self_cond = torch.zeros_like(x0)
         use_sc = draws["u_self_cond"].to(device) < cfg.self_condition_prob
         if use_sc.any():
@@ -132,7 +142,11 @@ class LaDiC(Captioner):
         x0_hat = self.diffuser(x_t, t, self_cond, kv)
         latent = F.mse_loss(x0_hat, x0)
         caption = F.cross_entropy(self.text.logits(x0_hat).flatten(0, 1), self.text.output_index(ids).flatten())
-        return {"loss": latent + cfg.caption_loss_weight * caption, "latent": latent.detach(), "caption": caption.detach()}
+        out = {"loss": latent + cfg.caption_loss_weight * caption, "latent": latent.detach(), "caption": caption.detach()}
+        if length_loss is not None:
+            out["loss"] = out["loss"] + cfg.length_loss_weight * length_loss
+            out["length"] = length_loss.detach()
+        return out
 
     # ------------------------------------------------------------------ sampling
     def _confidence(self, x0: torch.Tensor) -> torch.Tensor:
@@ -160,16 +174,31 @@ class LaDiC(Captioner):
             ids = torch.where(given_ids >= 0, given_ids, ids)
         return ids
 
-    def length_template(self, batch_size: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fixed positions for a caption of exactly ``num_tokens`` word pieces: [CLS], [SEP] and [PAD]s are given."""
+    def length_template(self, batch_size: int, num_tokens: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fixed positions for captions of exactly ``num_tokens`` word pieces (an int, or one per row (B,)):
+        [CLS], [SEP] and [PAD]s are given, the word positions are -1 in the given ids."""
         length = self.config.max_length
-        if not 1 <= num_tokens <= length - 2:
+        n = torch.as_tensor(num_tokens, device=self.device).expand(batch_size)[:, None]
+        if not bool(((n >= 1) & (n <= length - 2)).all()):
             raise ValueError(f"length must be in 1..{length - 2} tokens for max_length {length}")
         tok = self.text.tokenizer
-        given = torch.full((batch_size, length), tok.pad_token_id, dtype=torch.long, device=self.device)
-        given[:, 0], given[:, num_tokens + 1] = tok.cls_token_id, tok.sep_token_id
-        given[:, 1 : num_tokens + 1] = -1
+        pos = torch.arange(length, device=self.device)[None]
+        given = torch.where(pos == n + 1, tok.sep_token_id, torch.where(pos > n, tok.pad_token_id, -1))
+        given[:, 0] = tok.cls_token_id
         return given >= 0, torch.zeros(batch_size, length, self.text.dim, device=self.device), given
+
+    def caption_lengths(self, ids: torch.Tensor) -> torch.Tensor:
+        """Word pieces per caption, [CLS]/[SEP]/[PAD] not counted; blanks (-1) of a template count: (B, L) -> (B,)."""
+        tok = self.text.tokenizer
+        special = (ids == tok.cls_token_id) | (ids == tok.sep_token_id) | (ids == tok.pad_token_id)
+        return (~special).sum(dim=1).clamp(max=self.config.max_length - 2)
+
+    def predicted_lengths(self, context: torch.Tensor, k: int) -> torch.Tensor:
+        """Lengths to sample at for a context (B, N, d) whose rows come in groups of ``k`` per image (MBR
+        candidates): the j-th row of a group gets the j-th most likely N. Returns (B,)."""
+        logits = self.diffuser.predict_length(context[::k])
+        top = logits.topk(min(k, self.config.max_length - 2), dim=-1).indices  # (B / k, k')
+        return top.repeat(1, -(-k // top.shape[1]))[:, :k].reshape(-1)
 
     def infill_template(self, template: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Parse ``"two ___ standing on a ___ field"`` (or ``[MASK]`` blanks; one blank = one token).
@@ -273,13 +302,17 @@ class LaDiC(Captioner):
                 fixed, x_fixed, given = self.length_template(b, length)
             elif infill is not None:
                 fixed, x_fixed, given = (z[start : start + batch_size].repeat_interleave(k, dim=0) for z in infill)
+            ctx = self.diffuser.image_context(feats)
+            if cfg.length_conditioning:  # the asked / template length, else the predicted one (top-k with MBR)
+                if given is None:
+                    fixed, x_fixed, given = self.length_template(b, self.predicted_lengths(ctx, k))
+                ctx = self.diffuser.add_length(ctx, self.caption_lengths(given))
             traj: list[list[str]] = []
             callback = None
             if return_trajectory:
                 def callback(i: int, t: int, x0: torch.Tensor) -> None:
                     traj.append(self.text.ids_to_text(self._decode_ids(x0, None if fixed is None else ~fixed, given),
                                                       collapse_repeats=infill is None))
-            ctx = self.diffuser.image_context(feats)
             generators = [g for key in keys[start : start + batch_size] for g in [photo_generator(run_seed, key)] * k]
             res: SampleResult = ddim_sample_loop(
                 guided_denoiser(self.diffuser, ctx, w), self.diffusion, (b, cfg.max_length, self.text.dim),

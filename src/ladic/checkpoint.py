@@ -80,9 +80,11 @@ class Captioner(nn.Module):
             sd.update({f"image_encoder.{k}": v for k, v in self.image_encoder.state_dict().items()})
         return sd
 
-    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor], source: str = "state dict",
+                                  missing_ok: bool = False) -> list[str]:
         """Load what ``trainable_state_dict`` returns, with a clear error on any mismatch. A restricted output
-        vocabulary in ``sd`` (``text.lm_head.vocab_ids``) is adopted with its size."""
+        vocabulary in ``sd`` (``text.lm_head.vocab_ids``) is adopted with its size. ``missing_ok``: weights that
+        ``sd`` lacks (modules the source model did not have) keep their initialisation. Returns those names."""
         vocab = sd.get(VOCAB_KEY)
         if vocab is not None and vocab.numel() != self.text.output_vocab_size:
             self.text.lm_head.vocab_ids = vocab.long().to(self.device)
@@ -90,11 +92,12 @@ class Captioner(nn.Module):
         own = self.trainable_state_dict()
         missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
         wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
-        if missing or unexpected or wrong:
+        if (missing and not missing_ok) or unexpected or wrong:
             parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
                      f"shape mismatch {wrong[:3]}" if wrong else ""]
             raise CheckpointError(f"{source}: weights do not match the config ({'; '.join(p for p in parts if p)})")
         self.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=False)
+        return missing
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
         """Write ``config.json`` (model type, config, latent statistics, backbone references) and ``model.safetensors``."""
@@ -111,16 +114,19 @@ class Captioner(nn.Module):
         }
         (path / CONFIG_NAME).write_text(json.dumps(meta, indent=1))
 
-    def load_folder_weights(self, path: str | Path) -> None:
+    def load_folder_weights(self, path: str | Path, missing_ok: bool = False) -> list[str]:
         """Load a saved folder's trainable weights and latent statistics into this model (same model type and
-        architecture, else ``CheckpointError``); the frozen backbones are not rebuilt."""
+        architecture, else ``CheckpointError``); the frozen backbones are not rebuilt. ``missing_ok``: this model
+        may have modules the folder lacks (they keep their initialisation; their names are returned)."""
         _, stats, sd = read_model_folder(Path(path), self.model_type)
-        self._load_state(sd, stats, str(path))
+        return self._load_state(sd, stats, str(path), missing_ok)
 
-    def _load_state(self, sd: dict[str, torch.Tensor], stats: dict[str, list[float]], source: str) -> None:
-        self.load_trainable_state_dict(sd, source=source)
+    def _load_state(self, sd: dict[str, torch.Tensor], stats: dict[str, list[float]], source: str,
+                    missing_ok: bool = False) -> list[str]:
+        missing = self.load_trainable_state_dict(sd, source=source, missing_ok=missing_ok)
         self.text.latent_mean.copy_(torch.tensor(stats["mean"]))
         self.text.latent_std.copy_(torch.tensor(stats["std"]))
+        return missing
 
     @classmethod
     def _from_folder(cls: type[C], path: str | Path, device: str | torch.device) -> C:

@@ -47,6 +47,13 @@ class LaDiCConfig:
     # control) through the self-conditioning input of its first call, where x_T is still pure noise everywhere.
     infill_self_cond_prob: float = 0.0
     cfg_drop_prob: float = 0.1
+    # Not in the paper: length conditioning (as non-autoregressive translation does, Gu et al. 2018). The caption's
+    # number of word pieces N is embedded and added to the image context (0 = unknown, used with probability
+    # length_drop_prob in training), and a head on the pooled image context predicts N (cross-entropy, weight
+    # length_loss_weight). Sampling asks for the predicted N; with MBR, for the k most likely N, one candidate each.
+    length_conditioning: bool = False
+    length_drop_prob: float = 0.1
+    length_loss_weight: float = 0.1
     normalize_latents: bool = True  # per-dimension mean/std normalisation (ablation switch)
     special_token_latent: str = "zero"  # paper Eq. 1: "zero"; "none" keeps the BERT latents (ablation)
     decoder_num_layers: int | None = None  # None = all upper layers (paper); 0 = the authors' loop bug (LM head on the latent)
@@ -75,6 +82,8 @@ class LaDiCConfig:
             raise ValueError("student_steps must be >= 1 and student_timestep_prob in [0, 1]")
         if not 0 <= self.infill_self_cond_prob <= 1:
             raise ValueError("infill_self_cond_prob must be in [0, 1]")
+        if not 0 <= self.length_drop_prob <= 1 or self.length_loss_weight < 0:
+            raise ValueError("length_drop_prob must be in [0, 1] and length_loss_weight >= 0")
         if self.timestep_logit_std <= 0:
             raise ValueError("timestep_logit_std must be positive")
         if self.image_conditioning not in ("cross_attn", "prepend"):

@@ -110,7 +110,13 @@ class Diffuser(nn.Module):
         self.norm_out = nn.LayerNorm(d)
         self.out_proj = nn.Linear(d, text_dim)
         self.hidden_size = d
+        self.max_caption_tokens = config.max_length - 2  # N: word pieces between [CLS] and [SEP]
+        if config.length_conditioning:  # registered last: the other modules' initialisation does not change
+            self.length_emb = nn.Embedding(config.max_length + 1, d)  # index N; 0 = unknown
+            self.length_head = nn.Linear(d, config.max_length + 1)
         init_weights(self, config.seed_for_init, (self.pos_emb, self.image_pos, self.null_image))
+        if config.length_conditioning:
+            nn.init.zeros_(self.length_emb.weight)  # a model initialised from one without it starts identical
 
     def image_context(self, image_feats: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Image tokens (B, N, D_img) -> context (B, N, d); rows where ``drop`` (B,) is True get the null image."""
@@ -118,6 +124,17 @@ class Diffuser(nn.Module):
         if drop is not None:
             ctx = torch.where(drop[:, None, None], self.null_image.expand_as(ctx), ctx)
         return ctx
+
+    def predict_length(self, context: torch.Tensor) -> torch.Tensor:
+        """Context (B, N, d) -> logits (B, max_length + 1) over the caption length N (impossible N at -inf)."""
+        logits = self.length_head(context.mean(dim=1))
+        n = torch.arange(logits.shape[-1], device=logits.device)
+        return logits.masked_fill((n < 1) | (n > self.max_caption_tokens), float("-inf"))
+
+    def add_length(self, context: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Condition a context (B, N, d) on caption lengths (B,) (0 = unknown): the length embedding is added to
+        every image token."""
+        return context + self.length_emb(lengths)[:, None]
 
     def null_context(self, batch_size: int) -> torch.Tensor:
         """The unconditional context f(., emptyset, .): (B, N, d)."""

@@ -54,7 +54,10 @@ def denoising_accuracy(
         ids = feats.ids[sel].long().to(device)
         x0 = model.text.regularize(feats.hidden[sel].to(device), ids)
         image = model.image_tokens(feats.images[feats.caption_image[sel]].float().to(device))
-        kv = model.diffuser.image_kv(model.diffuser.image_context(image))
+        ctx = model.diffuser.image_context(image)
+        if model.config.length_conditioning:  # as in training: conditioned on the reference's length
+            ctx = model.diffuser.add_length(ctx, model.caption_lengths(ids))
+        kv = model.diffuser.image_kv(ctx)
         words = ~model.text.special_mask(ids)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         for t in timesteps:

@@ -299,7 +299,9 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
     if tc.batch_size % d.world:
         raise ValueError(f"batch_size {tc.batch_size} is not divisible by the {d.world} processes")
     if tc.init_from:  # weights and latent stats of a model folder; fresh optimizer, schedule and EMA
-        model.load_folder_weights(tc.init_from)
+        fresh = model.load_folder_weights(tc.init_from, missing_ok=True)
+        if fresh and d.main:
+            print(f"init_from {tc.init_from}: new modules start from their initialisation: {', '.join(fresh)}")
     else:
         stats_ids = epoch_order(len(train_set), tc.seed, -1)[: tc.stats_captions]
         fit_stats_from_hidden(model, train_set.hidden[stats_ids], train_set.ids[stats_ids])
