@@ -35,13 +35,15 @@ class CaptionOutput:
 
 
 def default_model_path() -> Path:
-    """The model shipped inside the package (trained on Flickr8k train)."""
+    """The default model shipped inside the package (trained on Flickr8k train): the full sampler, 5 steps with
+    Back&Refine and clamping."""
     return Path(__file__).resolve().parent / "assets" / "ladic-small-flickr8k"
 
 
-def full_model_path() -> Path:
-    """The shipped full-sampler model (5 steps, Back&Refine, clamping): the few-step student's teacher."""
-    return Path(__file__).resolve().parent / "assets" / "ladic-small-flickr8k"
+def fast_model_path() -> Path:
+    """The shipped one-step student of the default model: one network evaluation per caption, lower quality
+    (``docs/MODEL_CARD.md``)."""
+    return Path(__file__).resolve().parent / "assets" / "ladic-1step-flickr8k"
 
 
 def is_blank(word: str) -> bool:
@@ -373,4 +375,4 @@ class LaDiC(Captioner):
         return self.generate([image], template=template, **kwargs).captions[0]
 
 
-__all__ = ["LaDiC", "CaptionOutput", "CheckpointError", "ImageLoadError", "default_model_path", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["LaDiC", "CaptionOutput", "CheckpointError", "ImageLoadError", "default_model_path", "fast_model_path", "CONFIG_NAME", "WEIGHTS_NAME"]

@@ -33,8 +33,9 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model folder or Hugging Face Hub id org/name (default: the shipped model)")
-    p.add_argument("--full", action="store_true",
-                   help="the shipped full-sampler model (5 steps, Back&Refine, clamping) instead of the default")
+    p.add_argument("--fast", action="store_true",
+                   help="the shipped one-step student instead of the default full-sampler model (about 10x faster, "
+                        "lower quality)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -396,13 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "full", False):
+    if getattr(args, "fast", False):
         if args.model is not None:
-            print("error: --full picks the shipped full-sampler model; give --model or --full, not both", file=sys.stderr)
+            print("error: --fast picks the shipped one-step student; give --model or --fast, not both", file=sys.stderr)
             return 2
-        from ladic.captioner import full_model_path
+        from ladic.captioner import fast_model_path
 
-        args.model = str(full_model_path())
+        args.model = str(fast_model_path())
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -36,14 +36,14 @@ class Session:
         return self._ladic_at("ladic", self.args.model, "--model")
 
     def student(self):
-        """``bench pareto``: the few-step student of ``--student`` (default: the shipped default model)."""
-        return self._ladic_at("student", self.args.student, "--student")
+        """``bench pareto`` / ``infill``: the few-step student of ``--student`` (default: the shipped one)."""
+        from ladic.captioner import fast_model_path
+
+        return self._ladic_at("student", self.args.student or fast_model_path(), "--student")
 
     def teacher(self):
-        """``bench pareto``: the full-sampler model of ``--teacher`` (default: the shipped full-sampler model)."""
-        from ladic.captioner import full_model_path
-
-        return self._ladic_at("teacher", self.args.teacher or full_model_path(), "--teacher")
+        """``bench pareto`` / ``infill``: the full-sampler model of ``--teacher`` (default: the shipped default)."""
+        return self._ladic_at("teacher", self.args.teacher, "--teacher")
 
     def ar_path(self) -> str | None:
         """The AR baseline folder of ``--ar-model`` ("shipped": the packaged one if present; "none": no AR rows)."""
