@@ -240,15 +240,14 @@ def _cmd_pareto(args: argparse.Namespace, session: Session, out_dir: Path) -> li
 
 def _cmd_infill(args: argparse.Namespace, session: Session, out_dir: Path) -> list[Path]:
     from ladic.bench.infill import infill_markdown, infill_table
+    from ladic.bench.pareto import student_name, student_sampling
     from ladic.data.features import build_features
     from ladic.evaluate import feature_cache_dir
 
     meta = run_meta(vars(args))
     student, teacher = session.student(), session.teacher()
     feats = build_features(student, session.records(), feature_cache_dir(), progress=args.progress)
-    systems = [(f"student {s} step{'s' if s > 1 else ''}", student,
-                dict(num_inference_steps=s, guidance_scale=0.0, back_and_refine=False, clamp=False, seed=0))
-               for s in _ints(args.student_steps)]
+    systems = [(student_name(s), student, student_sampling(s)) for s in _ints(args.student_steps)]
     systems.append(("teacher, full sampler (its config)", teacher, {"seed": 0}))
     rows = infill_table(systems, feats, batch_size=args.caption_batch)
     notes = session.data_notes()[:1] + [

@@ -13,24 +13,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ladic.bench.quality import QualityRow
-from ladic.bench.report import md_table, pyplot, save_figure, write_outputs
+from ladic.bench.quality import QUALITY_METRICS, QualityRow
+from ladic.bench.report import fmt_score, markdown_header, md_table, pyplot, save_figure, write_outputs
 from ladic.bench.text_stats import STATS_HEADERS, stats_cells
 
 SYSTEMS = ("student", "teacher", "ar")
 COLORS = {"student": "tab:green", "teacher": "tab:blue", "ar": "tab:orange"}
 
 
+def student_name(steps: int) -> str:
+    return f"student {steps} step{'s' if steps > 1 else ''}"
+
+
+def student_sampling(steps: int) -> dict[str, Any]:
+    """The student's own sampler at ``steps``: no guidance, Back&Refine or clamping; seed 0."""
+    return dict(num_inference_steps=steps, guidance_scale=0.0, back_and_refine=False, clamp=False, seed=0)
+
+
 def student_rows(steps: Sequence[int] = (1, 2), mbr: int = 5) -> list[QualityRow]:
-    """The student's own sampler (no guidance, Back&Refine or clamping) at each step count, +/- MBR."""
-    rows = []
-    for s in steps:
-        for k in (1, mbr) if mbr > 1 else (1,):
-            name = f"student {s} step{'s' if s > 1 else ''}" + (f" + MBR {k}" if k > 1 else "")
-            rows.append(QualityRow(name, "student", dict(num_inference_steps=s, guidance_scale=0.0,
-                                                         back_and_refine=False, clamp=False, mbr_candidates=k,
-                                                         seed=0)))
-    return rows
+    """The student's own sampler at each step count, +/- MBR."""
+    return [QualityRow(student_name(s) + (f" + MBR {k}" if k > 1 else ""), "student",
+                       {**student_sampling(s), "mbr_candidates": k})
+            for s in steps for k in ((1, mbr) if mbr > 1 else (1,))]
 
 
 def teacher_rows(steps: Sequence[int] = (5, 30), guidance: float = 1.0) -> list[QualityRow]:
@@ -70,10 +74,6 @@ def pareto_front(rows: Sequence[dict[str, Any]]) -> set[str]:
 
 
 def pareto_markdown(rows: Sequence[dict[str, Any]], notes: Sequence[str], meta: dict[str, Any]) -> str:
-    from ladic.bench.report import markdown_header
-    from ladic.bench.quality import QUALITY_METRICS
-    from ladic.bench.report import fmt_score
-
     front = pareto_front(rows)
     parts = [markdown_header("LaDiC benchmark: quality against decoding time (Pareto plot)", meta)]
     parts += [f"- {n}" for n in notes] + [""]
@@ -114,5 +114,5 @@ def write_pareto(rows: list[dict[str, Any]], notes: list[str], out_dir: Path, me
                          lambda: pareto_markdown(rows, notes, meta), lambda path: pareto_plot(rows, path, meta))
 
 
-__all__ = ["SYSTEMS", "student_rows", "teacher_rows", "ar_rows", "merge_rows", "read_rows", "pareto_front",
+__all__ = ["SYSTEMS", "student_name", "student_sampling", "student_rows", "teacher_rows", "ar_rows", "merge_rows", "read_rows", "pareto_front",
            "pareto_markdown", "pareto_plot", "write_pareto"]
