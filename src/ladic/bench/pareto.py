@@ -114,5 +114,5 @@ def write_pareto(rows: list[dict[str, Any]], notes: list[str], out_dir: Path, me
                          lambda: pareto_markdown(rows, notes, meta), lambda path: pareto_plot(rows, path, meta))
 
 
-__all__ = ["SYSTEMS", "student_name", "student_sampling", "student_rows", "teacher_rows", "ar_rows", "merge_rows", "read_rows", "pareto_front",
-           "pareto_markdown", "pareto_plot", "write_pareto"]
+__all__ = ["SYSTEMS", "student_name", "student_sampling", "student_rows", "teacher_rows", "ar_rows", "merge_rows",
+           "read_rows", "pareto_front", "pareto_markdown", "pareto_plot", "write_pareto"]
