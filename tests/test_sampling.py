@@ -94,3 +94,29 @@ def test_clamp_option_changes_captions(tiny_model, scenes):
     a = tiny_model.generate(imgs, seed=0, clamp=True, back_and_refine=False)
     b = tiny_model.generate(imgs, seed=0, clamp=False, back_and_refine=False)
     assert a.num_evaluations == b.num_evaluations and a.captions != b.captions
+
+
+def test_refine_noise_initial_makes_the_result_a_function_of_x_T():
+    """Back&Refine with refine_noise="initial" renoises from x_T itself: reseeding the generator after the first
+    draw changes nothing; with "fresh" (the paper's) it changes the result."""
+    d = GaussianDiffusion(1000)
+    shape = (2, 6, 4)
+    conf = torch.rand(2, 6, generator=torch.Generator().manual_seed(1))
+
+    def run(refine_noise: str, reseed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+
+        def denoise(x, t, sc):
+            if int(t[0]) == 999:
+                g.manual_seed(reseed)  # every draw after x_T comes from another stream
+            return torch.tanh(x) * 0.5 + 0.1 * sc
+
+        return ddim_sample_loop(denoise, d, shape, num_inference_steps=4, back_and_refine=True, refine_noise=refine_noise,
+                                confidence_fn=lambda x0: conf, generator=g).x0
+
+    torch.testing.assert_close(run("initial", 1), run("initial", 2))
+    assert not torch.allclose(run("fresh", 1), run("fresh", 2))
+    import pytest
+
+    with pytest.raises(ValueError, match="refine_noise"):
+        run("other", 1)

@@ -171,3 +171,38 @@ def test_length_conditioning_pieces(tmp_path, scenes):
     assert torch.isfinite(losses["length"]) and losses["length"] > 0
     losses["loss"].backward()
     assert model.diffuser.length_head.weight.grad.abs().sum() > 0
+
+
+def test_trajectory_distillation_trains_on_the_teachers_own_x_T(scenes):
+    """``teacher_noise`` is the x_T / F from which a LaDiC teacher captioned each photo (keyed by its cached tokens),
+    and ``with_teacher_noise`` puts it, at t = T - 1, into about ``prob`` of the rows and leaves the rest as drawn."""
+    from ladic.data.distill import teacher_noise, with_teacher_noise
+    from ladic.photo_seed import tensor_key
+    from ladic.train import TrainConfig, trajectory_keys
+
+    torch.manual_seed(0)
+    teacher = LaDiC(preset("tiny")).eval()
+    tokens = teacher.encode_images([s.image for s in scenes[:6]])
+    keys = [tensor_key(row) for row in tokens]
+    caps = teacher.generate(tokens, num_inference_steps=1, guidance_scale=0.0, back_and_refine=False, seed=0).captions
+    cfg, T = teacher.config, teacher.diffusion.num_timesteps
+    x_T = teacher.diffusion.noise_factor * teacher_noise(keys, cfg.max_length, teacher.text.dim)
+    with torch.no_grad():
+        kv = teacher.diffuser.image_kv(teacher.diffuser.image_context(tokens))
+        x0 = teacher.diffuser(x_T, torch.full((6,), T - 1), torch.zeros_like(x_T), kv)
+    assert teacher.text.ids_to_text(teacher._decode_ids(x0)) == caps
+    assert len(set(caps)) > 1
+
+    draws = teacher.draw_training_noise(64, torch.Generator().manual_seed(0))
+    rows = [keys[i % 6] for i in range(64)]
+    out = with_teacher_noise(draws, torch.Generator().manual_seed(1), 0.5, rows, T)
+    traj = out["t"] == T - 1
+    assert 16 < int(traj.sum()) < 48
+    torch.testing.assert_close(out["noise"][traj], teacher_noise([k for k, u in zip(rows, traj) if u], cfg.max_length,
+                                                                 teacher.text.dim))
+    torch.testing.assert_close(out["noise"][~traj], draws["noise"][~traj])
+    assert torch.equal(out["t"][~traj], draws["t"][~traj]) and torch.equal(draws["noise"], draws["noise"].clone())
+    assert torch.equal(with_teacher_noise(draws, torch.Generator(), 0.0, rows, T)["noise"], draws["noise"])
+    with pytest.raises(ValueError, match="distill_mbr = 1"):
+        trajectory_keys(TrainConfig(distill_from="x", distill_mbr=5, distill_noise_prob=0.5), teacher, None)
+    assert trajectory_keys(TrainConfig(), teacher, None) is None

@@ -245,6 +245,7 @@ class LaDiC(Captioner):
         progress: bool = False,
         errors: str = "raise",
         clamp: bool | None = None,
+        refine_noise: str | None = None,
     ) -> CaptionOutput:
         """Caption images. ``images`` are PIL images, paths, arrays/tensors, or precomputed image tokens
         (a float tensor (B, N_img, D_img)). See ``caption`` for the arguments.
@@ -321,7 +322,7 @@ class LaDiC(Captioner):
                 num_inference_steps=steps, generator=generators, device=self.device,
                 fixed_x0=x_fixed, fixed_mask=fixed, given_self_cond=cfg.infill_self_cond_prob > 0,
                 back_and_refine=bnr, refine_time=cfg.refine_time,
-                refine_keep=cfg.refine_keep, confidence_fn=self._confidence, callback=callback,
+                refine_keep=cfg.refine_keep, refine_noise=refine_noise or cfg.refine_noise, confidence_fn=self._confidence, callback=callback,
                 clamp_fn=self._clamp if (cfg.clamp if clamp is None else clamp) else None,
                 progress=progress and n <= batch_size,
             )
@@ -358,6 +359,8 @@ class LaDiC(Captioner):
             keys: one stable string per image for its noise (default: a hash of its pixels).
             clamp: snap every intermediate estimate to the latents of its decoded tokens (Diffusion-LM's
                 clamping trick; default from the config).
+            refine_noise: "fresh" (paper) or "initial": Back&Refine renoises from x_T itself, so that the caption is
+                a function of x_T alone (default from the config, "fresh").
             batch_size: images per forward batch.
 
         Returns:

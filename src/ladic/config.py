@@ -66,6 +66,9 @@ class LaDiCConfig:
     back_and_refine: bool = True
     refine_time: float = 0.5  # Back&Refine at t = refine_time * T
     refine_keep: float = 0.5  # keep this fraction of the most confident tokens
+    # Back&Refine's renoised positions: "fresh" Gaussian draws (paper), or "initial": x_T's own noise at those
+    # positions, so that the caption is a function of x_T alone (what trajectory distillation needs).
+    refine_noise: str = "fresh"
     clamp: bool = False  # Diffusion-LM clamping of intermediate estimates (not in the paper)
     seed_for_init: int = 0
 
@@ -92,6 +95,8 @@ class LaDiCConfig:
             raise ValueError(f"unknown special_token_latent {self.special_token_latent!r}")
         if not 0 < self.refine_time < 1 or not 0 < self.refine_keep < 1:
             raise ValueError("refine_time and refine_keep must lie strictly between 0 and 1")
+        if self.refine_noise not in ("fresh", "initial"):
+            raise ValueError(f"unknown refine_noise {self.refine_noise!r}; use 'fresh' or 'initial'")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -83,6 +83,7 @@ def ddim_sample_loop(
     back_and_refine: bool = False,
     refine_time: float = 0.5,
     refine_keep: float = 0.5,
+    refine_noise: str = "fresh",
     confidence_fn: ConfidenceFn | None = None,
     clamp_fn: ClampFn | None = None,
     callback: StepCallback | None = None,
@@ -99,6 +100,8 @@ def ddim_sample_loop(
         back_and_refine: at the first step with t <= refine_time * T, keep the ``refine_keep`` fraction
             of most confident positions, replace the rest with pure Gaussian noise and start a fresh
             denoising from t = T (paper section 3.4). Needs ``confidence_fn``.
+        refine_noise: "fresh": the renoised positions take new Gaussian draws (paper); "initial": they take
+            x_T's own noise, so the result is a deterministic function of x_T (trajectory distillation's target).
         clamp_fn: applied to x0_hat before every DDIM update (not to the final estimate): the
             "clamping trick" of Diffusion-LM (Li et al. 2022), x0_hat -> latents of its argmax tokens.
         callback: called after every iteration with (iteration, t, x0_hat).
@@ -122,7 +125,9 @@ def ddim_sample_loop(
             return torch.randn(shape, generator=generator).to(device)
         return torch.stack([torch.randn(shape[1:], generator=g) for g in generator]).to(device)
 
-    x = f * randn()
+    if refine_noise not in ("fresh", "initial"):
+        raise ValueError(f"unknown refine_noise {refine_noise!r}; use 'fresh' or 'initial'")
+    x = x_T = f * randn()
     self_cond = torch.zeros(shape, device=device)
     if given_self_cond and fixed_mask is not None:
         self_cond = torch.where(fixed_mask[..., None], fixed_x0, self_cond)
@@ -146,7 +151,8 @@ def ddim_sample_loop(
         if pending_refine and t <= refine_time * T:
             # Back: keep the confident tokens at the current noise level, send the rest to pure noise.
             renoised = lowest_confidence(confidence_fn(x0_hat), refine_keep, fixed_mask)
-            x = torch.where(renoised[..., None], f * randn(), diffusion.ddim_step(x, x0_hat, tt, tt.new_full((b,), t_next)))
+            fresh = f * randn() if refine_noise == "fresh" else x_T
+            x = torch.where(renoised[..., None], fresh, diffusion.ddim_step(x, x0_hat, tt, tt.new_full((b,), t_next)))
             # Refine: a fresh denoising from t = T.
             pending_refine = False
             i = 0

@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 
 from ladic.captioner import LaDiC
 from ladic.config import preset
+from ladic.data.distill import with_teacher_noise
 from ladic.data.features import FeatureSet, build_features, build_image_features
+from ladic.photo_seed import tensor_key
 
 
 class TrainingDiverged(RuntimeError):
@@ -74,6 +76,11 @@ class TrainConfig:
     # consensus human reference (see ``references``), so a student does not learn cut-off endings; "keep": as is.
     distill_dangling: str = "keep"
     distill_keep_references: bool = False  # train on the teacher caption and the human captions
+    # Trajectory distillation (Luhman & Luhman 2021; not in the paper): this fraction of every batch is trained at
+    # t = T - 1 on the very noise x_T from which the LaDiC teacher sampled that photo's target, so that a one-step
+    # student learns the teacher's map x_T -> caption instead of an average over it. Needs distill_mbr = 1 and a
+    # teacher sampler whose caption is a function of x_T alone (no Back&Refine, or refine_noise "initial").
+    distill_noise_prob: float = 0.0
     # Flip augmentation (not in the paper): every training photo also enters mirrored, with "left"/"right"
     # swapped in its captions (ladic.data.captions.mirror_caption); the mirrored tokens are cached too.
     flip_augment: bool = False
@@ -318,6 +325,7 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
         model.restrict_output_vocab(train_set.ids)
     ema = {k: v.detach().clone().float() if v.is_floating_point() else v.clone()
            for k, v in model.trainable_state_dict().items()}
+    image_keys = trajectory_keys(tc, model, train_set)
     step = 0
     if resume and (ckpt / "weights.safetensors").is_file():
         model.load_trainable_state_dict(load_file(str(ckpt / "weights.safetensors")), source=str(ckpt))
@@ -343,7 +351,11 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
     t0 = time.time()
     while step < tc.max_steps:
         idx = global_batch(len(train_set), tc.batch_size, tc.seed, step)
-        draws = model.draw_training_noise(tc.batch_size, torch.Generator().manual_seed(tc.seed * 1_000_003 + step))
+        gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
+        draws = model.draw_training_noise(tc.batch_size, gen)
+        if image_keys is not None:
+            keys = [image_keys[i] for i in train_set.caption_image[idx].tolist()]
+            draws = with_teacher_noise(draws, gen, tc.distill_noise_prob, keys, model.diffusion.num_timesteps)
         mine = slice(d.rank * local, (d.rank + 1) * local)
         idx = idx[mine]
         draws = {k: v[mine] for k, v in draws.items()}
@@ -405,6 +417,22 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return final
+
+
+def trajectory_keys(tc: TrainConfig, model: LaDiC, train_set: FeatureSet) -> list[str] | None:
+    """The per-photo noise keys of the teacher's captions (``distill_noise_prob`` > 0), else None."""
+    if tc.distill_noise_prob <= 0:
+        return None
+    from ladic.models import checkpoint_model_type
+
+    if not tc.distill_from or tc.distill_mbr != 1 or tc.flip_augment or tc.distill_keep_references:
+        raise ValueError("distill_noise_prob needs distill_from (a LaDiC teacher), distill_mbr = 1, "
+                         "no flip_augment and no distill_keep_references")
+    teacher_cfg = json.loads((Path(tc.distill_from) / "config.json").read_text()).get("config", {})
+    same = model.image_encoder.pretrained and teacher_cfg.get("image_encoder") == model.image_encoder.name
+    if checkpoint_model_type(tc.distill_from) != "ladic" or not same:  # (then the teacher sampled from the cached tokens)
+        raise ValueError("distill_noise_prob needs a LaDiC teacher with the student's pretrained image encoder")
+    return [tensor_key(row) for row in train_set.images.float()]
 
 
 def fit_stats_from_hidden(model: LaDiC, hidden: torch.Tensor, ids: torch.Tensor) -> None:
