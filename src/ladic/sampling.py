@@ -69,6 +69,16 @@ def lowest_confidence(confidence: torch.Tensor, keep: float, protected: torch.Te
     return mask.scatter(1, idx, True)
 
 
+def gaussian_noise(
+    shape: tuple[int, ...], generator: torch.Generator | Sequence[torch.Generator] | None = None
+) -> torch.Tensor:
+    """N(0, I) noise of ``shape`` (B, ...) on the CPU: from one generator for the whole batch, or row i from
+    ``generator[i]`` only (one per row), so that a row's noise does not depend on the other rows."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator)
+    return torch.stack([torch.randn(shape[1:], generator=g) for g in generator])
+
+
 def ddim_sample_loop(
     denoise: Denoiser,
     diffusion: GaussianDiffusion,
@@ -121,9 +131,7 @@ def ddim_sample_loop(
         raise ValueError(f"got {len(generator)} generators for a batch of {b} rows")
 
     def randn() -> torch.Tensor:
-        if generator is None or isinstance(generator, torch.Generator):
-            return torch.randn(shape, generator=generator).to(device)
-        return torch.stack([torch.randn(shape[1:], generator=g) for g in generator]).to(device)
+        return gaussian_noise(shape, generator).to(device)
 
     if refine_noise not in ("fresh", "initial"):
         raise ValueError(f"unknown refine_noise {refine_noise!r}; use 'fresh' or 'initial'")
@@ -213,6 +221,6 @@ def mbr_select(candidates: Sequence[str], similarity: str = "f1") -> int:
 
 
 __all__ = [
-    "KV", "SampleResult", "guided_denoiser", "lowest_confidence", "ddim_sample_loop", "token_f1", "mbr_select",
-    "bleu_similarity",
+    "KV", "SampleResult", "guided_denoiser", "gaussian_noise", "lowest_confidence", "ddim_sample_loop", "token_f1",
+    "mbr_select", "bleu_similarity",
 ]

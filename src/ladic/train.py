@@ -423,16 +423,17 @@ def trajectory_keys(tc: TrainConfig, model: LaDiC, train_set: FeatureSet) -> lis
     """The per-photo noise keys of the teacher's captions (``distill_noise_prob`` > 0), else None."""
     if tc.distill_noise_prob <= 0:
         return None
+    from ladic.checkpoint import CONFIG_NAME
     from ladic.models import checkpoint_model_type
 
     if not tc.distill_from or tc.distill_mbr != 1 or tc.flip_augment or tc.distill_keep_references:
         raise ValueError("distill_noise_prob needs distill_from (a LaDiC teacher), distill_mbr = 1, "
                          "no flip_augment and no distill_keep_references")
-    teacher_cfg = json.loads((Path(tc.distill_from) / "config.json").read_text()).get("config", {})
+    teacher_cfg = json.loads((Path(tc.distill_from) / CONFIG_NAME).read_text()).get("config", {})
     same = model.image_encoder.pretrained and teacher_cfg.get("image_encoder") == model.image_encoder.name
     if checkpoint_model_type(tc.distill_from) != "ladic" or not same:  # (then the teacher sampled from the cached tokens)
         raise ValueError("distill_noise_prob needs a LaDiC teacher with the student's pretrained image encoder")
-    return [tensor_key(row) for row in train_set.images.float()]
+    return [tensor_key(row.float()) for row in train_set.images]  # (row by row: no float32 copy of the whole set)
 
 
 def fit_stats_from_hidden(model: LaDiC, hidden: torch.Tensor, ids: torch.Tensor) -> None:

@@ -115,8 +115,9 @@ def teacher_noise(keys: Sequence[str], length: int, dim: int, seed: int = 0) -> 
     (its x_T is noise_factor times this): the first draw of the photo's generator (``ladic.photo_seed``), keyed
     like ``LaDiC.generate`` keys precomputed image tokens, ``tensor_key`` of the float32 tokens."""
     from ladic.photo_seed import photo_generator
+    from ladic.sampling import gaussian_noise
 
-    return torch.stack([torch.randn((length, dim), generator=photo_generator(seed, key)) for key in keys])
+    return gaussian_noise((len(keys), length, dim), [photo_generator(seed, key) for key in keys])
 
 
 def with_teacher_noise(draws: dict[str, torch.Tensor], generator: torch.Generator, prob: float, keys: Sequence[str],
