@@ -179,3 +179,24 @@ def test_config_rejects_unknown_timestep_sampling():
         preset("tiny", timestep_sampling="logit_normal", timestep_logit_std=0.0)
     cfg = preset("tiny", timestep_sampling="logit_normal", timestep_logit_mean=0.3)
     assert LaDiCConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_no_dangling_end_puts_a_content_word_before_sep(tiny_model, scenes, monkeypatch):
+    from ladic.data.captions import ends_on_function_word
+
+    m = tiny_model
+    tok = m.text.tokenizer
+    fixed, x0, given = m.length_template(1, 5)
+    words = tok.encode("a dog runs on a", add_special_tokens=False)
+    logits = torch.zeros(1, m.config.max_length, len(tok))
+    for j, w in enumerate(words, start=1):
+        logits[0, j, w] = 2.0
+    logits[0, 5, tok.convert_tokens_to_ids("ball")] = 1.0  # the runner-up at the last slot
+    monkeypatch.setattr(m.text, "logits", lambda x: m.text.to_output_space(logits))
+    assert m.text.ids_to_text(m._decode_ids(x0, ~fixed, given)) == ["a dog runs on a"]
+    assert m.text.ids_to_text(m._decode_ids(x0, ~fixed, given, no_dangling_end=True)) == ["a dog runs on ball"]
+    monkeypatch.undo()
+    # Sampling end to end: a length-controlled caption never ends on a function word.
+    images = [s.image for s in scenes]
+    for n in (3, 4, 6):
+        assert not any(map(ends_on_function_word, m.caption(images, length=n, seed=0, num_inference_steps=2)))

@@ -131,8 +131,8 @@ def test_dangling_teacher_captions_fall_back_to_the_consensus_reference():
 
 def test_length_conditioning_pieces(tmp_path, scenes):
     """The length embedding starts at zero (a model initialised from one without it denoises identically), the
-    template takes one length per row, MBR candidates get the k most likely lengths, and training adds the
-    length loss."""
+    template takes one length per row, MBR candidates get the k most likely lengths (or all the most likely one),
+    and training adds the length loss."""
     torch.manual_seed(0)
     plain = LaDiC(preset("tiny"))
     plain.save_pretrained(tmp_path / "plain")
@@ -153,6 +153,10 @@ def test_length_conditioning_pieces(tmp_path, scenes):
     lengths = model.predicted_lengths(ctx.repeat_interleave(2, dim=0), 2)
     top2 = logits.topk(2, dim=-1).indices
     assert lengths.tolist() == top2.reshape(-1).tolist()
+    assert model.predicted_lengths(ctx.repeat_interleave(2, dim=0), 2, "predicted").tolist() == \
+        top2[:, 0].repeat_interleave(2).tolist()
+    with pytest.raises(ValueError, match="mbr_lengths"):
+        model.predicted_lengths(ctx, 1, "best")
 
     sampling = dict(num_inference_steps=1, guidance_scale=0.0, back_and_refine=False, seed=0)
     caps = model.generate(images, **sampling).captions
@@ -161,6 +165,9 @@ def test_length_conditioning_pieces(tmp_path, scenes):
     out = model.generate(images, mbr_candidates=2, **sampling)
     assert [[len(model.text.tokenizer.encode(c, add_special_tokens=False)) for c in group]
             for group in out.candidates] == top2.tolist()
+    out = model.generate(images, mbr_candidates=2, mbr_lengths="predicted", **sampling)
+    assert [[len(model.text.tokenizer.encode(c, add_special_tokens=False)) for c in group]
+            for group in out.candidates] == top2[:, :1].repeat(1, 2).tolist()
     assert all(len(model.text.tokenizer.encode(c, add_special_tokens=False)) == 3
                for c in model.caption(images, length=3, **sampling))
 

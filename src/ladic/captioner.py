@@ -159,13 +159,19 @@ class LaDiC(Captioner):
         ids = self.text.token_ids(self.text.logits(x0).argmax(-1))
         return self.text.latents_from_ids(ids, torch.ones_like(ids))
 
-    def _decode_ids(self, x0: torch.Tensor, free: torch.Tensor | None = None, given_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def _decode_ids(self, x0: torch.Tensor, free: torch.Tensor | None = None, given_ids: torch.Tensor | None = None,
+                    no_dangling_end: bool = False) -> torch.Tensor:
         """Latent (B, L, D) -> ids (B, L). ``free`` positions take whole words only, never the word given right
         before or after them (a blank that repeats its neighbour would vanish when repeats collapse); given ids
-        are forced."""
+        are forced. ``no_dangling_end``: a free position right before a given [SEP] takes no function word."""
         logits = self.text.logits(x0)
         if free is not None:
             logits = logits.masked_fill(free[..., None] & self.text.to_output_space(self.text.not_a_word), float("-inf"))
+        if free is not None and given_ids is not None and no_dangling_end:
+            # A one-step estimate of an uncertain final noun averages over the candidates and decodes to the
+            # nearest frequent word, "a" or "the" ("... standing on a"); the best content word there reads better.
+            last = free & (given_ids.roll(-1, dims=1) == self.text.tokenizer.sep_token_id)
+            logits = logits.masked_fill(last[..., None] & self.text.to_output_space(self.text.function_word), float("-inf"))
         if free is not None and given_ids is not None:
             for neighbour in (given_ids.roll(1, dims=1), given_ids.roll(-1, dims=1)):  # the ends are [CLS] / [PAD]
                 col = self.text.output_index(neighbour.clamp_min(0))[..., None]
@@ -195,10 +201,15 @@ class LaDiC(Captioner):
         special = (ids == tok.cls_token_id) | (ids == tok.sep_token_id) | (ids == tok.pad_token_id)
         return (~special).sum(dim=1).clamp(max=self.config.max_length - 2)
 
-    def predicted_lengths(self, context: torch.Tensor, k: int) -> torch.Tensor:
+    def predicted_lengths(self, context: torch.Tensor, k: int, mbr_lengths: str = "top") -> torch.Tensor:
         """Lengths to sample at for a context (B, N, d) whose rows come in groups of ``k`` per image (MBR
-        candidates): the j-th row of a group gets the j-th most likely N. Returns (B,)."""
+        candidates): with ``mbr_lengths="top"`` the j-th row of a group gets the j-th most likely N, with
+        "predicted" every row gets the most likely N (the candidates differ by their noise only). Returns (B,)."""
+        if mbr_lengths not in ("top", "predicted"):
+            raise ValueError(f"unknown mbr_lengths {mbr_lengths!r}; use 'top' or 'predicted'")
         logits = self.diffuser.predict_length(context[::k])
+        if mbr_lengths == "predicted":
+            return logits.argmax(-1).repeat_interleave(k)
         top = logits.topk(min(k, self.config.max_length - 2), dim=-1).indices  # (B / k, k')
         return top.repeat(1, -(-k // top.shape[1]))[:, :k].reshape(-1)
 
@@ -246,6 +257,8 @@ class LaDiC(Captioner):
         errors: str = "raise",
         clamp: bool | None = None,
         refine_noise: str | None = None,
+        no_dangling_end: bool | None = None,
+        mbr_lengths: str | None = None,
     ) -> CaptionOutput:
         """Caption images. ``images`` are PIL images, paths, arrays/tensors, or precomputed image tokens
         (a float tensor (B, N_img, D_img)). See ``caption`` for the arguments.
@@ -265,6 +278,7 @@ class LaDiC(Captioner):
         steps = num_inference_steps or cfg.num_inference_steps
         w = cfg.guidance_scale if guidance_scale is None else guidance_scale
         bnr = cfg.back_and_refine if back_and_refine is None else back_and_refine
+        no_dangling = cfg.no_dangling_end if no_dangling_end is None else no_dangling_end
         if mbr_candidates < 1:
             raise ValueError("mbr_candidates must be >= 1")
         if keys is not None and len(keys) != len(images):
@@ -308,13 +322,14 @@ class LaDiC(Captioner):
             ctx = self.diffuser.image_context(feats)
             if cfg.length_conditioning:  # the asked / template length, else the predicted one (top-k with MBR)
                 if given is None:
-                    fixed, x_fixed, given = self.length_template(b, self.predicted_lengths(ctx, k))
+                    fixed, x_fixed, given = self.length_template(b, self.predicted_lengths(ctx, k, mbr_lengths or cfg.mbr_lengths))
                 ctx = self.diffuser.add_length(ctx, self.caption_lengths(given))
+            free = None if fixed is None else ~fixed
             traj: list[list[str]] = []
             callback = None
             if return_trajectory:
                 def callback(i: int, t: int, x0: torch.Tensor) -> None:
-                    traj.append(self.text.ids_to_text(self._decode_ids(x0, None if fixed is None else ~fixed, given),
+                    traj.append(self.text.ids_to_text(self._decode_ids(x0, free, given, no_dangling),
                                                       collapse_repeats=infill is None))
             generators = [g for key in keys[start : start + batch_size] for g in [photo_generator(run_seed, key)] * k]
             res: SampleResult = ddim_sample_loop(
@@ -329,7 +344,7 @@ class LaDiC(Captioner):
             )
             out.num_evaluations += res.num_evaluations
             # An infilled caption keeps every blank's word, even one that repeats the word before it.
-            texts = self.text.ids_to_text(self._decode_ids(res.x0, None if fixed is None else ~fixed, given),
+            texts = self.text.ids_to_text(self._decode_ids(res.x0, free, given, no_dangling),
                                           collapse_repeats=infill is None)
             for j in range(0, b, k):
                 group = texts[j : j + k]
@@ -355,6 +370,8 @@ class LaDiC(Captioner):
             guidance_scale: w of classifier-free guidance (default 1.0; 0 disables the unconditional branch).
             back_and_refine: roll back low-confidence tokens at t = T/2 and refine (default on).
             mbr_candidates: k > 1 draws k captions per image and returns the MBR choice.
+            mbr_lengths: for a length-conditioned model, "top": MBR candidate j is sampled at the j-th most likely
+                length; "predicted": all at the most likely length (default from the config, "top").
             length: ask for exactly this many word-piece tokens.
             generator / seed: randomness; the same seed gives the same captions, whatever the batch.
             keys: one stable string per image for its noise (default: a hash of its pixels).
@@ -362,6 +379,8 @@ class LaDiC(Captioner):
                 clamping trick; default from the config).
             refine_noise: "fresh" (paper) or "initial": Back&Refine renoises from x_T itself, so that the caption is
                 a function of x_T alone (default from the config, "fresh").
+            no_dangling_end: with a length (predicted, asked or a template's), the word before [SEP] is never a
+                function word ("a", "on", ...), so no caption ends "... on a" (default from the config, on).
             batch_size: images per forward batch.
 
         Returns:

@@ -70,6 +70,12 @@ class LaDiCConfig:
     # positions, so that the caption is a function of x_T alone (what trajectory distillation needs).
     refine_noise: str = "fresh"
     clamp: bool = False  # Diffusion-LM clamping of intermediate estimates (not in the paper)
+    # Length-controlled decoding (a predicted, asked or template length): the word right before [SEP] is never a
+    # function word, so a caption cannot end "... standing on a" (see ``LaDiC._decode_ids``).
+    no_dangling_end: bool = True
+    # MBR candidates of a length-conditioned model: "top" = the k most likely lengths, "predicted" = all at the
+    # most likely one (they differ by their noise only).
+    mbr_lengths: str = "top"
     seed_for_init: int = 0
 
     def __post_init__(self) -> None:
@@ -95,6 +101,8 @@ class LaDiCConfig:
             raise ValueError(f"unknown special_token_latent {self.special_token_latent!r}")
         if not 0 < self.refine_time < 1 or not 0 < self.refine_keep < 1:
             raise ValueError("refine_time and refine_keep must lie strictly between 0 and 1")
+        if self.mbr_lengths not in ("top", "predicted"):
+            raise ValueError(f"unknown mbr_lengths {self.mbr_lengths!r}; use 'top' or 'predicted'")
         if self.refine_noise not in ("fresh", "initial"):
             raise ValueError(f"unknown refine_noise {self.refine_noise!r}; use 'fresh' or 'initial'")
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from ladic.config import MINILM
+from ladic.data.captions import FUNCTION_WORDS
 
 _LN_EPS = 1e-12
 _STD_EPS = 1e-5  # epsilon of norm(x) = (x - mu) / (sigma + eps)
@@ -108,6 +109,9 @@ class TextSpace(nn.Module):
         banned = [i for i, w in enumerate(vocab) if w.startswith("##") or i in self.special_ids]
         # Tokens a free position (an infill blank, a length-controlled slot) must not take: specials and "##" pieces.
         self.register_buffer("not_a_word", torch.zeros(len(vocab), dtype=torch.bool).index_fill(0, torch.tensor(banned), True), persistent=False)
+        # Articles, prepositions, conjunctions, possessives: a caption that ends on one is cut off ("... on a").
+        function = [self.tokenizer.convert_tokens_to_ids(w) for w in sorted(FUNCTION_WORDS)]
+        self.register_buffer("function_word", torch.zeros(len(vocab), dtype=torch.bool).index_fill(0, torch.tensor(function), True), persistent=False)
         self.register_buffer("latent_mean", torch.zeros(self.dim))
         self.register_buffer("latent_std", torch.ones(self.dim))
 
