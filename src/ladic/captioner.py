@@ -166,12 +166,13 @@ class LaDiC(Captioner):
         are forced. ``no_dangling_end``: a free position right before a given [SEP] takes no function word."""
         logits = self.text.logits(x0)
         if free is not None:
-            logits = logits.masked_fill(free[..., None] & self.text.to_output_space(self.text.not_a_word), float("-inf"))
-        if free is not None and given_ids is not None and no_dangling_end:
-            # A one-step estimate of an uncertain final noun averages over the candidates and decodes to the
-            # nearest frequent word, "a" or "the" ("... standing on a"); the best content word there reads better.
-            last = free & (given_ids.roll(-1, dims=1) == self.text.tokenizer.sep_token_id)
-            logits = logits.masked_fill(last[..., None] & self.text.to_output_space(self.text.function_word), float("-inf"))
+            banned = free[..., None] & self.text.to_output_space(self.text.not_a_word)
+            if no_dangling_end and given_ids is not None:
+                # A one-step estimate of an uncertain final noun averages over the candidates and decodes to the
+                # nearest frequent word, "a" or "the" ("... standing on a"); the best content word there reads better.
+                last = free & (given_ids.roll(-1, dims=1) == self.text.tokenizer.sep_token_id)
+                banned |= last[..., None] & self.text.to_output_space(self.text.function_word)
+            logits = logits.masked_fill(banned, float("-inf"))
         if free is not None and given_ids is not None:
             for neighbour in (given_ids.roll(1, dims=1), given_ids.roll(-1, dims=1)):  # the ends are [CLS] / [PAD]
                 col = self.text.output_index(neighbour.clamp_min(0))[..., None]

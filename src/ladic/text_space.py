@@ -63,6 +63,11 @@ class LMHead(nn.Module):
         return h @ self.word_embeddings.weight[self.vocab_ids].t() + self.bias[self.vocab_ids]
 
 
+def _vocab_mask(size: int, ids: Sequence[int]) -> torch.Tensor:
+    """(size,) bool, True at ``ids``."""
+    return torch.zeros(size, dtype=torch.bool).index_fill(0, torch.tensor(ids, dtype=torch.long), True)
+
+
 class TextSpace(nn.Module):
     """Tokenizer, split BERT encoder/decoder, LM head and latent statistics.
 
@@ -108,10 +113,10 @@ class TextSpace(nn.Module):
         vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
         banned = [i for i, w in enumerate(vocab) if w.startswith("##") or i in self.special_ids]
         # Tokens a free position (an infill blank, a length-controlled slot) must not take: specials and "##" pieces.
-        self.register_buffer("not_a_word", torch.zeros(len(vocab), dtype=torch.bool).index_fill(0, torch.tensor(banned), True), persistent=False)
+        self.register_buffer("not_a_word", _vocab_mask(len(vocab), banned), persistent=False)
         # Articles, prepositions, conjunctions, possessives: a caption that ends on one is cut off ("... on a").
         function = [self.tokenizer.convert_tokens_to_ids(w) for w in sorted(FUNCTION_WORDS)]
-        self.register_buffer("function_word", torch.zeros(len(vocab), dtype=torch.bool).index_fill(0, torch.tensor(function), True), persistent=False)
+        self.register_buffer("function_word", _vocab_mask(len(vocab), function), persistent=False)
         self.register_buffer("latent_mean", torch.zeros(self.dim))
         self.register_buffer("latent_std", torch.ones(self.dim))
 
