@@ -213,3 +213,35 @@ def test_trajectory_distillation_trains_on_the_teachers_own_x_T(scenes):
     with pytest.raises(ValueError, match="distill_mbr = 1"):
         trajectory_keys(TrainConfig(distill_from="x", distill_mbr=5, distill_noise_prob=0.5), teacher, None)
     assert trajectory_keys(TrainConfig(), teacher, None) is None
+
+
+def test_glancing_reveals_a_share_of_the_wrong_words_and_trains_on_the_rest(scenes):
+    """GLAT: the first pass's wrong word positions are counted per caption, round(ratio * N_err) word positions (never
+    [CLS]/[SEP]/[PAD]) get the true latent as self-conditioning input, and the loss skips them."""
+    torch.manual_seed(0)
+    model = LaDiC(preset("tiny", glancing_ratio=0.5))
+    draws = model.draw_training_noise(6, torch.Generator().manual_seed(0))
+    assert draws["u_glance"].shape == (6, model.config.max_length)
+    assert "u_glance" not in LaDiC(preset("tiny")).draw_training_noise(6, torch.Generator().manual_seed(0))
+    x0, ids = model.encode_captions([s.captions[0] for s in scenes])
+    feats = model.encode_images([s.image for s in scenes])
+    t = torch.full((6,), model.diffusion.num_timesteps - 1)
+    x_t = model.diffusion.q_sample(x0, t, draws["noise"])
+    kv = model.diffuser.image_kv(model.diffuser.image_context(feats))
+    sc = torch.zeros_like(x0)
+    glanced, new_sc = model._glance(x_t, t, sc, kv, x0, ids, draws["u_glance"])
+    with torch.no_grad():
+        first = model.text.logits(model.diffuser(x_t, t, sc, kv)).argmax(-1)
+    word = ~model.text.special_mask(ids)
+    wrong = ((first != model.text.output_index(ids)) & word).sum(1)
+    assert wrong.sum() > 0
+    assert glanced.sum(1).tolist() == (0.5 * wrong).round().long().tolist()
+    assert not (glanced & ~word).any()
+    torch.testing.assert_close(new_sc[glanced], x0[glanced])
+    assert new_sc[~glanced].abs().sum() == 0
+    losses = model.training_losses(feats, x0, ids, {**draws, "t": t})
+    assert torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    assert model.diffuser.in_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="glancing_ratio"):
+        LaDiCConfig(glancing_ratio=1.5)

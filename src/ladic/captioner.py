@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ladic.checkpoint import CONFIG_NAME, WEIGHTS_NAME, Captioner, CheckpointError
 from ladic.config import LaDiCConfig
-from ladic.diffuser import Diffuser
+from ladic.diffuser import KV, Diffuser
 from ladic.diffusion import GaussianDiffusion
 from ladic.image_encoders import ImageEncoder
 from ladic.image_io import ImageInput, ImageLoadError, load_images
@@ -99,6 +99,8 @@ class LaDiC(Captioner):
             draws["u_keep"] = torch.rand((batch_size, cfg.max_length), generator=generator)
         if cfg.length_conditioning:
             draws["u_length"] = torch.rand(batch_size, generator=generator)
+        if cfg.glancing_ratio > 0:
+            draws["u_glance"] = torch.rand((batch_size, cfg.max_length), generator=generator)
         return draws
 
     def forward(
@@ -141,14 +143,36 @@ class LaDiC(Captioner):
             given = draws["u_keep"].to(device) < draws["u_given"].to(device)[:, None]  # (B, L)
             use_given = (draws["u_infill"].to(device) < cfg.infill_self_cond_prob)[:, None, None]
             self_cond = torch.where(use_given, torch.where(given[..., None], x0, 0.0), self_cond)
-        x0_hat = self.diffuser(x_t, t, self_cond, kv)
-        latent = F.mse_loss(x0_hat, x0)
-        caption = F.cross_entropy(self.text.logits(x0_hat).flatten(0, 1), self.text.output_index(ids).flatten())
+        target = self.text.output_index(ids)
+        if cfg.glancing_ratio > 0:
+            glanced, self_cond = self._glance(x_t, t, self_cond, kv, x0, ids, draws["u_glance"].to(device))
+            keep = ~glanced
+            x0_hat = self.diffuser(x_t, t, self_cond, kv)
+            latent = (x0_hat - x0).pow(2).mean(-1)[keep].mean()
+            caption = F.cross_entropy(self.text.logits(x0_hat)[keep], target[keep])
+        else:
+            x0_hat = self.diffuser(x_t, t, self_cond, kv)
+            latent = F.mse_loss(x0_hat, x0)
+            caption = F.cross_entropy(self.text.logits(x0_hat).flatten(0, 1), target.flatten())
         out = {"loss": latent + cfg.caption_loss_weight * caption, "latent": latent.detach(), "caption": caption.detach()}
         if length_loss is not None:
             out["loss"] = out["loss"] + cfg.length_loss_weight * length_loss
             out["length"] = length_loss.detach()
         return out
+
+    @torch.no_grad()
+    def _glance(self, x_t: torch.Tensor, t: torch.Tensor, self_cond: torch.Tensor, kv: list[KV] | torch.Tensor, x0: torch.Tensor,
+                ids: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """GLAT's glancing sampler: predict x0 once, count the wrong word positions N_err per caption, and reveal
+        round(glancing_ratio * N_err) word positions (the lowest uniforms ``u`` (B, L)) through the self-conditioning
+        input. Returns the revealed positions (B, L) bool and the new self-conditioning input (B, L, D)."""
+        first = self.text.logits(self.diffuser(x_t, t, self_cond, kv)).argmax(-1)
+        word = ~self.text.special_mask(ids)
+        wrong = ((first != self.text.output_index(ids)) & word).sum(1)
+        n = (self.config.glancing_ratio * wrong).round().long()
+        rank = u.masked_fill(~word, 2.0).argsort(1).argsort(1)  # 0 = the word position with the lowest uniform
+        glanced = rank < n[:, None]
+        return glanced, torch.where(glanced[..., None], x0, self_cond)
 
     # ------------------------------------------------------------------ sampling
     def _confidence(self, x0: torch.Tensor) -> torch.Tensor:

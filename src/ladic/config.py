@@ -46,6 +46,10 @@ class LaDiCConfig:
     # random part of its positions (zero elsewhere), and the sampler then passes given words (infilling, length
     # control) through the self-conditioning input of its first call, where x_T is still pure noise everywhere.
     infill_self_cond_prob: float = 0.0
+    # Not in the paper: glancing training (GLAT, Qian et al. 2021) for a one-step student. A first pass without
+    # gradient predicts the caption; glancing_ratio times its number of wrong words, at random word positions, are
+    # then revealed through the self-conditioning input, and the loss covers the other positions only. 0 = off.
+    glancing_ratio: float = 0.0
     cfg_drop_prob: float = 0.1
     # Not in the paper: length conditioning (as non-autoregressive translation does, Gu et al. 2018). The caption's
     # number of word pieces N is embedded and added to the image context (0 = unknown, used with probability
@@ -91,6 +95,8 @@ class LaDiCConfig:
             raise ValueError("student_steps must be >= 1 and student_timestep_prob in [0, 1]")
         if not 0 <= self.infill_self_cond_prob <= 1:
             raise ValueError("infill_self_cond_prob must be in [0, 1]")
+        if not 0 <= self.glancing_ratio <= 1:
+            raise ValueError("glancing_ratio must be in [0, 1]")
         if not 0 <= self.length_drop_prob <= 1 or self.length_loss_weight < 0:
             raise ValueError("length_drop_prob must be in [0, 1] and length_loss_weight >= 0")
         if self.timestep_logit_std <= 0:
