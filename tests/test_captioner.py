@@ -82,8 +82,8 @@ def test_a_blank_is_never_filled_with_nothing(tiny_model, scenes, monkeypatch):
     a_id = tok.convert_tokens_to_ids("a")
     real_logits = tiny_model.text.logits
 
-    def loves_a(x):  # a model that wants "a" everywhere
-        out = real_logits(x).clone()
+    def loves_a(x, positions=None):  # a model that wants "a" everywhere
+        out = real_logits(x, positions).clone()
         out[..., a_id] += 1e4
         return out
 
@@ -192,7 +192,7 @@ def test_no_dangling_end_puts_a_content_word_before_sep(tiny_model, scenes, monk
     for j, w in enumerate(words, start=1):
         logits[0, j, w] = 2.0
     logits[0, 5, tok.convert_tokens_to_ids("ball")] = 1.0  # the runner-up at the last slot
-    monkeypatch.setattr(m.text, "logits", lambda x: m.text.to_output_space(logits))
+    monkeypatch.setattr(m.text, "logits", lambda x, positions=None: m.text.to_output_space(logits)[positions])
     assert m.text.ids_to_text(m._decode_ids(x0, ~fixed, given)) == ["a dog runs on a"]
     assert m.text.ids_to_text(m._decode_ids(x0, ~fixed, given, no_dangling_end=True)) == ["a dog runs on ball"]
     monkeypatch.undo()

@@ -32,6 +32,9 @@ def test_text_space_maps_between_ids_and_output_space(tiny_model):
     assert model.text.token_ids(model.text.output_index(torch.tensor([unknown]))).item() == tok.unk_token_id
     full = tiny_model.text.logits(x)
     torch.testing.assert_close(model.text.logits(x), full[..., vocab])  # the same scores, fewer columns
+    where = torch.zeros(2, model.config.max_length, dtype=torch.bool)
+    where[0, 1:4], where[1, 6] = True, True
+    torch.testing.assert_close(model.text.logits(x, where), full[where][:, vocab])  # the LM head at 4 positions only
 
 
 def test_ladic_restricted_to_its_own_words_decodes_identically(tiny_model, scenes, tmp_path, monkeypatch):

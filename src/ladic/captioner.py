@@ -149,7 +149,7 @@ class LaDiC(Captioner):
             keep = ~glanced
             x0_hat = self.diffuser(x_t, t, self_cond, kv)
             latent = (x0_hat - x0).pow(2).mean(-1)[keep].mean()
-            caption = F.cross_entropy(self.text.logits(x0_hat)[keep], target[keep])
+            caption = F.cross_entropy(self.text.logits(x0_hat, keep), target[keep])
         else:
             x0_hat = self.diffuser(x_t, t, self_cond, kv)
             latent = F.mse_loss(x0_hat, x0)
@@ -188,23 +188,22 @@ class LaDiC(Captioner):
         """Latent (B, L, D) -> ids (B, L). ``free`` positions take whole words only, never the word given right
         before or after them (a blank that repeats its neighbour would vanish when repeats collapse); given ids
         are forced. ``no_dangling_end``: a free position right before a given [SEP] takes no function word."""
-        logits = self.text.logits(x0)
-        if free is not None:
-            banned = free[..., None] & self.text.to_output_space(self.text.not_a_word)
-            if no_dangling_end and given_ids is not None:
-                # A one-step estimate of an uncertain final noun averages over the candidates and decodes to the
-                # nearest frequent word, "a" or "the" ("... standing on a"); the best content word there reads better.
-                last = free & (given_ids.roll(-1, dims=1) == self.text.tokenizer.sep_token_id)
-                banned |= last[..., None] & self.text.to_output_space(self.text.function_word)
-            logits = logits.masked_fill(banned, float("-inf"))
-        if free is not None and given_ids is not None:
-            for neighbour in (given_ids.roll(1, dims=1), given_ids.roll(-1, dims=1)):  # the ends are [CLS] / [PAD]
-                col = self.text.output_index(neighbour.clamp_min(0))[..., None]
-                ban = (free & (neighbour >= 0))[..., None]
-                logits = logits.scatter(-1, col, torch.where(ban, float("-inf"), logits.gather(-1, col)))
-        ids = self.text.token_ids(logits.argmax(-1))
-        if given_ids is not None:
-            ids = torch.where(given_ids >= 0, given_ids, ids)
+        if free is None or given_ids is None:
+            ids = self.text.token_ids(self.text.logits(x0).argmax(-1))
+            return ids if given_ids is None else torch.where(given_ids >= 0, given_ids, ids)
+        # Only the free positions need a word, so the LM head runs there alone: (N_free, V') logits, not (B, L, V').
+        logits = self.text.logits(x0, free).masked_fill_(self.text.to_output_space(self.text.not_a_word), float("-inf"))
+        if no_dangling_end:
+            # A one-step estimate of an uncertain final noun averages over the candidates and decodes to the
+            # nearest frequent word, "a" or "the" ("... standing on a"); the best content word there reads better.
+            last = (given_ids.roll(-1, dims=1) == self.text.tokenizer.sep_token_id)[free]
+            logits[last] = logits[last].masked_fill(self.text.to_output_space(self.text.function_word), float("-inf"))
+        for neighbour in (given_ids.roll(1, dims=1), given_ids.roll(-1, dims=1)):  # the ends are [CLS] / [PAD]
+            nb = neighbour[free]
+            rows = (nb >= 0).nonzero().squeeze(1)
+            logits[rows, self.text.output_index(nb[rows])] = float("-inf")
+        ids = given_ids.clone()
+        ids[free] = self.text.token_ids(logits.argmax(-1))
         return ids
 
     def length_template(self, batch_size: int, num_tokens: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

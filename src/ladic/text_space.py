@@ -56,11 +56,11 @@ class LMHead(nn.Module):
         self.register_buffer("vocab_ids", torch.arange(output_vocab_size) if output_vocab_size else None)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) -> logits (B, L, V), or (B, L, V') over ``vocab_ids``."""
+        """(..., D) -> logits (..., V), or (..., V') over ``vocab_ids``."""
         h = self.norm(F.gelu(self.dense(h)))
         if self.vocab_ids is None:
-            return h @ self.word_embeddings.weight.t() + self.bias
-        return h @ self.word_embeddings.weight[self.vocab_ids].t() + self.bias[self.vocab_ids]
+            return F.linear(h, self.word_embeddings.weight, self.bias)
+        return F.linear(h, self.word_embeddings.weight[self.vocab_ids], self.bias[self.vocab_ids])
 
 
 def _vocab_mask(size: int, ids: Sequence[int]) -> torch.Tensor:
@@ -183,10 +183,12 @@ class TextSpace(nn.Module):
             x = x.masked_fill(self.special_mask(input_ids)[..., None], 0.0)
         return x
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Regularised latent (B, L, D) -> token logits (B, L, V) (or (B, L, V') in the LM head's output space):
-        denorm, upper half, LM head. ``token_ids`` maps an output-space index back to a token id."""
-        return self.lm_head(self.decode_hidden(self.denorm(x)))
+        denorm, upper half, LM head. ``token_ids`` maps an output-space index back to a token id.
+        ``positions`` (B, L) bool: the LM head runs at those positions only, giving (N_true, V) (or (N_true, V'))."""
+        h = self.decode_hidden(self.denorm(x))
+        return self.lm_head(h if positions is None else h[positions])
 
     # ------------------------------------------------------------------ output vocabulary
     @torch.no_grad()
