@@ -62,6 +62,31 @@ def test_a_ladic_teacher_with_mbr_writes_the_targets(tmp_path, scenes):
     assert caps == loaded.caption(images, mbr_candidates=3, seed=0)
     teacher_captions(tmp_path / "teacher", ids, images, cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("teacher-*.json"))) == 2  # MBR and plain: two cache entries
+    cands = teacher_captions(tmp_path / "teacher", ids, images, mbr_candidates=3, cache_dir=tmp_path / "cache",
+                             candidates=True)
+    assert cands == loaded.generate(images, mbr_candidates=3, seed=0).candidates
+    assert len(cands) == len(images) and all(len(c) == 3 and cap in c for c, cap in zip(cands, caps))
+    assert len(list((tmp_path / "cache").glob("teacher-*.json"))) == 3  # the candidates are a third entry
+    with pytest.raises(ValueError, match="mbr_candidates"):
+        teacher_captions(tmp_path / "teacher", ids, images, candidates=True)
+
+
+def test_the_target_can_be_the_draw_closest_to_the_human_references():
+    from ladic.data.captions import CaptionRecord
+    from ladic.data.distill import select_by_references
+
+    refs = [["a dog runs on the grass", "a brown dog runs on grass", "a dog running on the grass"],
+            ["a man rides a red bike", "a man on a bike", "a cyclist rides a red bicycle"]]
+    records = [CaptionRecord(str(i), f"{i}.jpg", r, "train") for i, r in enumerate(refs)]
+    candidates = [["a cat sleeps on a sofa", "a brown dog runs on the grass", "a dog runs on the"],
+                  ["a man rides a red bike down the", "two women walk", "a man in a hat"]]
+    picked = select_by_references(candidates, records)
+    assert picked[0] == "a brown dog runs on the grass"
+    # the closest draw ends on "the", so the best complete one is taken instead
+    assert picked[1] == "a man in a hat"
+    assert select_by_references([["x y", "a man rides a red bike down the"]], records[1:]) == ["x y"]
+    with pytest.raises(ValueError, match="candidate lists"):
+        select_by_references(candidates[:1], records)
 
 
 def _teacher_rank(rank: int, world: int, folder: str, init: str, out: str) -> None:

@@ -244,3 +244,29 @@ def test_validation_logs_restore_accuracy_for_ladic(tmp_path):
     vals = [json.loads(line)["val"] for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"val"' in line]
     assert len(vals) == 1 and vals[0]["step"] == 2
     assert all(0.0 <= vals[0][f"restore@{t}"] <= 1.0 for t in (300, 600, 900))
+
+
+def test_distill_select_references_trains_on_the_draw_closest_to_the_human_captions(tmp_path):
+    """distill_select="references": of a LaDiC teacher's distill_mbr draws per image, the one with the highest
+    CIDEr-D against the image's human captions becomes the target (not the MBR choice)."""
+    from ladic import LaDiC, preset
+    from ladic.data.captions import CaptionRecord
+    from ladic.data.distill import select_by_references
+    from ladic.data.scenes import make_scenes
+    from ladic.train import load_datasets
+
+    torch.manual_seed(0)
+    LaDiC(preset("tiny")).save_pretrained(tmp_path / "teacher")
+    teacher = LaDiC.from_pretrained(tmp_path / "teacher")
+    scenes = make_scenes(64, seed=0, size=32, max_objects=1)
+    cands = teacher.generate([s.image for s in scenes], mbr_candidates=3, seed=0).candidates
+    records = [CaptionRecord(f"train{i}", "", s.captions, "train") for i, s in enumerate(scenes)]
+    expected = select_by_references(cands, records)
+    assert expected != teacher.caption([s.image for s in scenes], mbr_candidates=3, seed=0)  # not the MBR choices
+    opts = COMMON + [f"distill_from={tmp_path / 'teacher'}", "distill_mbr=3", f"cache_dir={tmp_path / 'cache'}"]
+    student = LaDiC(preset("tiny"))
+    train_set, _, _ = load_datasets(TrainConfig.load(None, opts + ["distill_select=references"]), student, progress=False)
+    targets = student.text.ids_to_text(train_set.ids, collapse_repeats=False)
+    assert targets == student.text.ids_to_text(student.text.tokenize(expected)["input_ids"], collapse_repeats=False)
+    with pytest.raises(ValueError, match="distill_select"):
+        load_datasets(TrainConfig.load(None, opts + ["distill_select=best"]), student, progress=False)

@@ -72,6 +72,9 @@ class TrainConfig:
     distill_beams: int = 3  # beam width of an AR teacher
     distill_mbr: int = 1  # MBR candidates of a LaDiC teacher (its full sampler + MBR: the few-step student's target)
     distill_sampler: dict[str, Any] = field(default_factory=dict)  # a LaDiC teacher's sampler overrides, e.g. w = 0
+    # Which of a LaDiC teacher's distill_mbr draws becomes the target: "mbr" (its MBR choice) or "references" (the
+    # draw with the highest CIDEr-D against the photo's human references; ladic.data.distill.select_by_references).
+    distill_select: str = "mbr"
     # "reference": a teacher caption that ends on a function word ("... in front of a") is replaced by the image's
     # consensus human reference (see ``references``), so a student does not learn cut-off endings; "keep": as is.
     distill_dangling: str = "keep"
@@ -197,11 +200,17 @@ def training_features(tc: TrainConfig, model: LaDiC, records: list, cache: str |
     elif tc.references != "all":
         raise ValueError(f"unknown references {tc.references!r}; use 'all' or 'consensus'")
     if tc.distill_from:
-        from ladic.data.distill import distill_records, replace_dangling, teacher_captions
+        from ladic.data.distill import distill_records, replace_dangling, select_by_references, teacher_captions
 
         sources = images if images is not None else [r.image_path for r in records]
+        if tc.distill_select not in ("mbr", "references"):
+            raise ValueError(f"unknown distill_select {tc.distill_select!r}; use 'mbr' or 'references'")
+        by_refs = tc.distill_select == "references"
         caps = teacher_captions(tc.distill_from, [r.image_id for r in records], sources, tokens, model.image_encoder.name,
-                                tc.distill_beams, tc.distill_mbr, cache, progress=progress, sampler=tc.distill_sampler)
+                                tc.distill_beams, tc.distill_mbr, cache, progress=progress, sampler=tc.distill_sampler,
+                                candidates=by_refs)
+        if by_refs:
+            caps = select_by_references(caps, records)
         caps = replace_dangling(caps, records, tc.distill_dangling)
         records = distill_records(records, caps, tc.distill_keep_references)
     train = build_features(model, records, cache, images=images, progress=progress, image_tokens=tokens)

@@ -23,11 +23,12 @@ from ladic.image_io import ImageInput
 
 
 def _teacher_key(folder: Path, num_beams: int, image_ids: Sequence[str], mbr_candidates: int = 1,
-                 sampler: dict[str, Any] | None = None) -> str:
+                 sampler: dict[str, Any] | None = None, candidates: bool = False) -> str:
     h = hashlib.sha1()
     for name in ("config.json", "model.safetensors"):
         h.update((folder / name).read_bytes())
     extra = ([mbr_candidates] if mbr_candidates > 1 else []) + ([sorted(sampler.items())] if sampler else [])
+    extra += ["candidates"] if candidates else []
     h.update(json.dumps([num_beams, list(image_ids)] + extra).encode())
     return h.hexdigest()[:16]
 
@@ -61,8 +62,10 @@ def teacher_captions(
     batch_size: int = 64,
     progress: bool = False,
     sampler: dict[str, Any] | None = None,
-) -> list[str]:
-    """The teacher's caption of every image, one string per image.
+    candidates: bool = False,
+) -> list[str] | list[list[str]]:
+    """The teacher's caption of every image, one string per image (with ``candidates``: the list of all its
+    ``mbr_candidates`` draws per image instead of their MBR choice, for ``select_by_references``).
 
     Args:
         teacher_path: a model folder (the AR baseline or a LaDiC model), loaded with ``ladic.models.load_model``.
@@ -79,19 +82,22 @@ def teacher_captions(
     from ladic.models import load_model
 
     folder = Path(teacher_path)
+    if candidates and mbr_candidates < 2:
+        raise ValueError("candidates needs mbr_candidates >= 2")
     if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"distill_from {folder}: not a model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"teacher-{_teacher_key(folder, num_beams, image_ids, mbr_candidates, sampler)}.json"
+        key = _teacher_key(folder, num_beams, image_ids, mbr_candidates, sampler, candidates)
+        cache = Path(cache_dir) / f"teacher-{key}.json"
         if cache.is_file():
             return json.loads(cache.read_text())
     teacher = load_model(folder)
     same = image_tokens is not None and teacher.image_encoder.pretrained and teacher.image_encoder.name == image_encoder_name
     inputs = image_tokens.float() if same else list(images)
     if teacher.model_type == "ar":
-        if sampler:
-            raise ValueError("sampler overrides apply to a LaDiC teacher, not the AR baseline")
+        if sampler or candidates:
+            raise ValueError("sampler overrides and candidates apply to a LaDiC teacher, not the AR baseline")
         kwargs: dict[str, Any] = {"num_beams": num_beams}
     else:
         kwargs = {"mbr_candidates": mbr_candidates, **(sampler or {})}
@@ -99,7 +105,8 @@ def teacher_captions(
     def run(idx: list[int]) -> list[str]:
         # the noise is drawn per photo (ladic.photo_seed): a caption does not depend on the rank or batch
         part = inputs[idx] if isinstance(inputs, torch.Tensor) else [inputs[i] for i in idx]
-        return teacher.generate(part, batch_size=batch_size, progress=progress, seed=0, **kwargs).captions
+        out = teacher.generate(part, batch_size=batch_size, progress=progress, seed=0, **kwargs)
+        return out.candidates if candidates else out.captions
 
     caps = _shard_and_gather(run, len(image_ids))
     if cache is not None:
@@ -132,6 +139,30 @@ def with_teacher_noise(draws: dict[str, torch.Tensor], generator: torch.Generato
     return {**draws, "t": torch.where(traj, num_timesteps - 1, draws["t"]), "noise": noise}
 
 
+def select_by_references(candidates: Sequence[Sequence[str]], records: Sequence[CaptionRecord]) -> list[str]:
+    """Per image, the teacher candidate with the highest CIDEr-D (pycocoevalcap's ``Cider``, document frequencies
+    over all images) against the image's human references: a target that keeps the teacher's style (one sentence
+    the student can imitate) but agrees most with what people wrote. Candidates that end on a function word
+    (``ends_on_function_word``) are chosen only when all of an image's candidates do. ``candidates`` (N, k)."""
+    from pycocoevalcap.cider.cider import Cider
+
+    from ladic.data.captions import ends_on_function_word
+
+    if len(candidates) != len(records):
+        raise ValueError(f"{len(candidates)} candidate lists for {len(records)} images")
+    gts = {i: list(r.captions) for i, r in enumerate(records)}
+    best = [0] * len(records)
+    top = [(-1, float("-inf"))] * len(records)  # (complete ending, CIDEr-D): complete candidates rank first
+    for j in range(max((len(c) for c in candidates), default=0)):
+        ids = [i for i, c in enumerate(candidates) if len(c) > j]
+        _, scores = Cider().compute_score({i: gts[i] for i in ids}, {i: [candidates[i][j]] for i in ids})
+        for i, score in zip(ids, scores):
+            rank = (0 if ends_on_function_word(candidates[i][j]) else 1, float(score))
+            if rank > top[i]:
+                best[i], top[i] = j, rank
+    return [c[b] for c, b in zip(candidates, best)]
+
+
 def replace_dangling(captions: Sequence[str], records: Sequence[CaptionRecord], mode: str) -> list[str]:
     """``mode="reference"``: each teacher caption that ends on a function word (``ends_on_function_word``) becomes
     the consensus human reference of its image (``consensus_index``); ``"keep"``: the captions unchanged."""
@@ -159,4 +190,5 @@ def distill_records(records: Sequence[CaptionRecord], captions: Sequence[str], k
     ]
 
 
-__all__ = ["teacher_captions", "teacher_noise", "with_teacher_noise", "replace_dangling", "distill_records"]
+__all__ = ["teacher_captions", "teacher_noise", "with_teacher_noise", "select_by_references", "replace_dangling",
+           "distill_records"]
