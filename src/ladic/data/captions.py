@@ -6,6 +6,7 @@ import json
 import os
 import re
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,26 +82,31 @@ def ends_on_function_word(caption: str) -> bool:
     return bool(words) and words[-1] in FUNCTION_WORDS
 
 
-def consensus_index(references: list[list[str]]) -> list[int]:
-    """For each image's references, the index of the consensus reference: the one with the highest CIDEr-D
-    (pycocoevalcap's ``Cider``) against the image's other references, document frequencies over all images.
-    Images with a single reference get 0. Captions must already be cleaned (``pre_caption``): no tokenizer runs.
-    """
+def cider_table(
+    candidates: Sequence[Sequence[str]], references: Callable[[int, int], list[str]]
+) -> list[list[float]]:
+    """``scores[i][j]``: CIDEr-D (pycocoevalcap's ``Cider``) of ``candidates[i][j]`` against ``references(i, j)``,
+    document frequencies over all images scored in column ``j``. Captions must already be cleaned (``pre_caption``):
+    no tokenizer runs. ``candidates`` (N, k_i): images may have different numbers of candidates (0 included)."""
     from pycocoevalcap.cider.cider import Cider
 
-    best = [0] * len(references)
-    top = [float("-inf")] * len(references)
-    for k in range(max((len(r) for r in references), default=0)):
-        ids = [i for i, r in enumerate(references) if len(r) > max(k, 1)]
-        if not ids:
-            continue
-        gts = {i: references[i][:k] + references[i][k + 1 :] for i in ids}
-        res = {i: [references[i][k]] for i in ids}
-        _, scores = Cider().compute_score(gts, res)
-        for i, score in zip(ids, scores):
-            if score > top[i]:
-                best[i], top[i] = k, float(score)
-    return best
+    scores: list[list[float]] = [[] for _ in candidates]
+    for j in range(max((len(c) for c in candidates), default=0)):
+        ids = [i for i, c in enumerate(candidates) if len(c) > j]
+        _, column = Cider().compute_score({i: references(i, j) for i in ids}, {i: [candidates[i][j]] for i in ids})
+        for i, score in zip(ids, column):
+            scores[i].append(float(score))
+    return scores
+
+
+def consensus_index(references: list[list[str]]) -> list[int]:
+    """For each image's references, the index of the consensus reference: the one with the highest CIDEr-D
+    (``cider_table``) against the image's other references, document frequencies over all images.
+    Images with a single reference get 0. Captions must already be cleaned (``pre_caption``): no tokenizer runs.
+    """
+    scored = [r if len(r) > 1 else [] for r in references]
+    table = cider_table(scored, lambda i, k: references[i][:k] + references[i][k + 1 :])
+    return [max(range(len(s)), key=s.__getitem__) if s else 0 for s in table]
 
 
 @dataclass

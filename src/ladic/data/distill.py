@@ -144,23 +144,17 @@ def select_by_references(candidates: Sequence[Sequence[str]], records: Sequence[
     over all images) against the image's human references: a target that keeps the teacher's style (one sentence
     the student can imitate) but agrees most with what people wrote. Candidates that end on a function word
     (``ends_on_function_word``) are chosen only when all of an image's candidates do. ``candidates`` (N, k)."""
-    from pycocoevalcap.cider.cider import Cider
-
-    from ladic.data.captions import ends_on_function_word
+    from ladic.data.captions import cider_table, ends_on_function_word
 
     if len(candidates) != len(records):
         raise ValueError(f"{len(candidates)} candidate lists for {len(records)} images")
-    gts = {i: list(r.captions) for i, r in enumerate(records)}
-    best = [0] * len(records)
-    top = [(-1, float("-inf"))] * len(records)  # (complete ending, CIDEr-D): complete candidates rank first
-    for j in range(max((len(c) for c in candidates), default=0)):
-        ids = [i for i, c in enumerate(candidates) if len(c) > j]
-        _, scores = Cider().compute_score({i: gts[i] for i in ids}, {i: [candidates[i][j]] for i in ids})
-        for i, score in zip(ids, scores):
-            rank = (0 if ends_on_function_word(candidates[i][j]) else 1, float(score))
-            if rank > top[i]:
-                best[i], top[i] = j, rank
-    return [c[b] for c, b in zip(candidates, best)]
+    table = cider_table(candidates, lambda i, j: list(records[i].captions))
+    out = []
+    for cands, scores in zip(candidates, table):
+        # complete endings rank above dangling ones, then CIDEr-D; the first candidate wins ties
+        rank = [(not ends_on_function_word(c), s) for c, s in zip(cands, scores)]
+        out.append(cands[max(range(len(cands)), key=rank.__getitem__)])
+    return out
 
 
 def replace_dangling(captions: Sequence[str], records: Sequence[CaptionRecord], mode: str) -> list[str]:
