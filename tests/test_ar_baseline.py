@@ -185,3 +185,28 @@ def test_train_with_model_type_ar(tmp_path, scenes):
     assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
     with pytest.raises(ValueError, match="model_type"):
         train(TrainConfig(preset="tiny", data="scenes", model_type="gru", out_dir=str(tmp_path / "bad")))
+
+
+def test_scores_per_image_candidates_and_reranking(ar, feats, scenes):
+    """``sequence_scores(repeats=k)`` shares each image's keys/values across its k rows and equals beam search's
+    own scores; ``LaDiC.generate(rerank_with=ar)`` returns, per image, the candidate the AR scores highest."""
+    _, _, beams, beam_scores, _ = ar._beam(feats, ar.config.max_length - 1, 3, True, 1.0)
+    scores = ar.sequence_scores(feats, beams.flatten(0, 1), repeats=3)
+    torch.testing.assert_close(scores.view(-1, 3), beam_scores, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="sequences"):
+        ar.sequence_scores(feats, beams.flatten(0, 1), repeats=2)
+
+    torch.manual_seed(0)
+    model = LaDiC(preset("tiny"), image_encoder=ar.image_encoder).eval()
+    imgs = [s.image for s in scenes]
+    plain = model.generate(imgs, mbr_candidates=4, num_inference_steps=2, seed=0)
+    out = model.generate(imgs, mbr_candidates=4, num_inference_steps=2, seed=0, rerank_with=ar)
+    assert out.candidates == plain.candidates  # the same draws; only the choice differs
+    flat = [c for group in out.candidates for c in group]
+    best = ar.score_captions(feats, flat).view(-1, 4).argmax(1).tolist()
+    assert out.captions == [group[j] for group, j in zip(out.candidates, best)]
+    with pytest.raises(ValueError, match="multiple"):
+        ar.score_captions(feats, flat[:-1])
+    other = type("Other", (), {"image_encoder": type("Enc", (), {"name": "another-encoder"})()})()
+    with pytest.raises(ValueError, match="another-encoder"):
+        model.generate(imgs, mbr_candidates=2, rerank_with=other)

@@ -159,3 +159,17 @@ def test_corrupt_checkpoint_gives_one_line_error(model_dir, tmp_path, capsys, da
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {ckpt}") and needle in err[0], err
     assert "Traceback" not in captured.err
+
+
+def test_rerank_needs_candidates(model_dir, tmp_path, capsys):
+    from ladic import preset
+    from ladic.baselines import ARCaptioner
+
+    path = tmp_path / "photo.png"
+    _photo().save(path)
+    assert main(["caption", str(path), "--model", model_dir, "--rerank"]) == 2
+    assert "--mbr K with K >= 2" in capsys.readouterr().err
+    ARCaptioner(preset("tiny")).save_pretrained(tmp_path / "ar")
+    assert main(["caption", str(path), "--model", model_dir, "--mbr", "3", "--rerank", str(tmp_path / "ar")]) == 0
+    out = capsys.readouterr().out.strip().split("\t")
+    assert out[0] == str(path) and out[1]

@@ -283,6 +283,7 @@ class LaDiC(Captioner):
         refine_noise: str | None = None,
         no_dangling_end: bool | None = None,
         mbr_lengths: str | None = None,
+        rerank_with: Captioner | None = None,
     ) -> CaptionOutput:
         """Caption images. ``images`` are PIL images, paths, arrays/tensors, or precomputed image tokens
         (a float tensor (B, N_img, D_img)). See ``caption`` for the arguments.
@@ -305,6 +306,9 @@ class LaDiC(Captioner):
         no_dangling = cfg.no_dangling_end if no_dangling_end is None else no_dangling_end
         if mbr_candidates < 1:
             raise ValueError("mbr_candidates must be >= 1")
+        if rerank_with is not None and rerank_with.image_encoder.name != self.image_encoder.name:
+            raise ValueError(f"rerank_with reads {rerank_with.image_encoder.name} image tokens; this model reads "
+                             f"{self.image_encoder.name}")
         if keys is not None and len(keys) != len(images):
             raise ValueError(f"got {len(keys)} keys for {len(images)} images")
         if template is not None and not isinstance(template, str) and len(template) != len(images):
@@ -336,7 +340,7 @@ class LaDiC(Captioner):
         for start in tqdm(range(0, n, batch_size), desc="captioning", disable=not progress or n <= batch_size):
             feats = images[start : start + batch_size].to(self.device) if is_feats else \
                 self.image_encoder.encode(pil[start : start + batch_size]).to(self.device)
-            feats = feats.repeat_interleave(k, dim=0)
+            image_feats, feats = feats, feats.repeat_interleave(k, dim=0)
             b = feats.shape[0]
             fixed = x_fixed = given = None
             if length is not None:
@@ -370,9 +374,10 @@ class LaDiC(Captioner):
             # An infilled caption keeps every blank's word, even one that repeats the word before it.
             texts = self.text.ids_to_text(self._decode_ids(res.x0, free, given, no_dangling),
                                           collapse_repeats=infill is None)
+            scores = None if rerank_with is None or k == 1 else rerank_with.score_captions(image_feats, texts).view(-1, k)
             for j in range(0, b, k):
                 group = texts[j : j + k]
-                best = mbr_select(group, mbr_similarity)
+                best = mbr_select(group, mbr_similarity) if scores is None else int(scores[j // k].argmax())
                 out.captions.append(group[best])
                 if out.candidates is not None:
                     out.candidates.append(group)
@@ -393,7 +398,10 @@ class LaDiC(Captioner):
             num_inference_steps: denoising iterations (default from config, 5).
             guidance_scale: w of classifier-free guidance (default 1.0; 0 disables the unconditional branch).
             back_and_refine: roll back low-confidence tokens at t = T/2 and refine (default on).
-            mbr_candidates: k > 1 draws k captions per image and returns the MBR choice.
+            mbr_candidates: k > 1 draws k captions per image and returns the MBR choice (or ``rerank_with``'s).
+            rerank_with: a model with ``score_captions`` and the same image encoder (the AR baseline,
+                ``ARCaptioner``): of the k candidates, return the one it scores highest (noisy parallel decoding,
+                Gu et al. 2018) instead of the MBR choice. One teacher-forced pass of that model over the k candidates.
             mbr_lengths: for a length-conditioned model, "top": MBR candidate j is sampled at the j-th most likely
                 length; "predicted": all at the most likely length (default from the config, "top").
             length: ask for exactly this many word-piece tokens.

@@ -25,10 +25,15 @@ def _load_model(path: str | None, device: str):
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
+    kwargs = dict(
         num_inference_steps=args.steps, guidance_scale=args.guidance, back_and_refine=args.back_and_refine,
-        mbr_candidates=args.mbr, seed=args.seed, clamp=args.clamp,
+        mbr_candidates=args.mbr, seed=args.seed, clamp=args.clamp, mbr_lengths=args.mbr_lengths,
     )
+    if args.rerank is not None:
+        from ladic.baselines.ar import load_reranker
+
+        kwargs["rerank_with"] = load_reranker(args.rerank, args.device)
+    return kwargs
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -46,6 +51,12 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--back-and-refine", action=argparse.BooleanOptionalAction, default=None,
                    help="Back&Refine at t = T/2 (default: the model's)")
     p.add_argument("--mbr", type=int, default=1, help="MBR over this many candidates per image (default 1 = off)")
+    p.add_argument("--mbr-lengths", choices=("top", "predicted"), default=None,
+                   help="length-conditioned models: candidate j at the j-th most likely length (top) or all at the "
+                        "most likely one (predicted) (default: the model's)")
+    p.add_argument("--rerank", nargs="?", const="shipped", default=None, metavar="AR_MODEL",
+                   help="of the --mbr candidates, take the one the AR baseline finds most likely instead of the MBR "
+                        "choice (noisy parallel decoding; default AR_MODEL: the shipped one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
                    help="snap intermediate estimates to decoded-token latents (default from the model config)")
@@ -397,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "rerank", None) is not None and args.mbr < 2:
+        print("error: --rerank chooses among candidates; give --mbr K with K >= 2", file=sys.stderr)
+        return 2
     if getattr(args, "fast", False):
         if args.model is not None:
             print("error: --fast picks the shipped one-step student; give --model or --fast, not both", file=sys.stderr)

@@ -135,11 +135,15 @@ def evaluate_model(
             raise ValueError("--image-root is required with --references when captioning")
         records = load_karpathy(references, image_root, split)
     records = records[:limit] if limit else records
+    desc = ", ".join(f"{k}={v}" for k, v in sampling.items() if v is not None)
+    if isinstance(sampling.get("rerank_with"), (str, Path)):  # a folder or "shipped": ``load_reranker``
+        from ladic.baselines.ar import load_reranker
+
+        sampling["rerank_with"] = load_reranker(sampling["rerank_with"])
     results, seconds = caption_split(model, records, sampling=sampling)
     refs = {r.image_id: r.captions for r in records}
     images = {r.image_id: r.image_path for r in records}
     res = coco_metrics(results, refs, images=images, **metric_kw)
-    desc = ", ".join(f"{k}={v}" for k, v in sampling.items() if v is not None)
     res.settings += (f"; model={model_path or 'shipped default'} ({type(model).__name__}); split={split}; "
                      f"images={len(records)}; sampling: {desc or 'model defaults'}; decode_s={seconds:.1f}")
     return res, results
@@ -162,7 +166,9 @@ def evaluate_cli(args: argparse.Namespace) -> int:
         else:
             sampling = dict(num_inference_steps=args.steps, guidance_scale=args.guidance,
                             back_and_refine=args.back_and_refine, mbr_candidates=args.mbr, seed=args.seed,
-                            length=args.length, clamp=args.clamp)
+                            length=args.length, clamp=args.clamp, mbr_lengths=args.mbr_lengths)
+            if args.rerank is not None:
+                sampling["rerank_with"] = args.rerank
             res, results = evaluate_model(args.model, args.split, args.limit, args.references, args.image_root,
                                           sampling, **metric_kw)
             if args.save_results:

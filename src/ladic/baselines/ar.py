@@ -17,7 +17,8 @@ API:
         .generate(images_or_feats, *, num_beams=1, max_new_tokens=None, length_penalty=1.0, batch_size=32,
                   use_cache=True, seed=None, progress=False, **ignored) -> ARCaptionOutput
         .caption(images, **kw) -> list[str]
-        .sequence_scores(feats, ids, length_penalty=1.0) -> (B,) the search objective of given token ids
+        .sequence_scores(feats, ids, length_penalty=1.0, repeats=1) -> (B * repeats,) the search objective of given ids
+        .score_captions(feats, captions, length_penalty=1.0) -> (B * k,) the same for k caption strings per image
 
 Search objective: sum of the log-probabilities of the generated tokens ([SEP] included, [CLS] not),
 divided by (number of generated tokens) ** length_penalty. Special tokens other than [SEP] are never
@@ -153,6 +154,12 @@ def default_ar_model_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "ar-small-flickr8k"
 
 
+def load_reranker(path: str | Path | None = "shipped", device: str | torch.device = "cpu") -> "ARCaptioner":
+    """The AR model that ``LaDiC.generate(rerank_with=...)`` scores candidates with: a folder, or the shipped one
+    for ``None`` / ``"shipped"``."""
+    return ARCaptioner.from_pretrained(None if path in (None, "shipped") else path, device=device)
+
+
 class ARCaptioner(Captioner):
     """Autoregressive captioner with LaDiC's image encoder, tokenizer and sizes (see the module docstring)."""
 
@@ -220,15 +227,37 @@ class ARCaptioner(Captioner):
         return self.training_losses(self.image_tokens(image_inputs), ids.long())
 
     @torch.no_grad()
-    def sequence_scores(self, image_feats: torch.Tensor, ids: torch.Tensor, length_penalty: float = 1.0) -> torch.Tensor:
-        """The search objective of given sequences: ids (B, T) start with [CLS]; tokens after the first [SEP]
-        are not counted. Returns (B,) sum of log-probs of ids[:, 1:] / (number counted) ** length_penalty."""
-        logits, _ = self.logits(self.decoder.image_kv(image_feats.to(self.device)), ids[:, :-1])
+    def sequence_scores(
+        self, image_feats: torch.Tensor, ids: torch.Tensor, length_penalty: float = 1.0, repeats: int = 1
+    ) -> torch.Tensor:
+        """The search objective of given sequences: ids (B * repeats, T) start with [CLS]; tokens after the first
+        [SEP] are not counted (nor computed). Rows ``i * repeats .. (i + 1) * repeats - 1`` belong to image ``i`` of
+        ``image_feats`` (B, N_img, D_img), whose cross-attention keys/values are computed once.
+        Returns (B * repeats,) sum of log-probs of ids[:, 1:] / (number counted) ** length_penalty."""
+        if ids.shape[0] != image_feats.shape[0] * repeats:
+            raise ValueError(f"{ids.shape[0]} sequences for {image_feats.shape[0]} images x {repeats}")
+        kv = self.decoder.image_kv(image_feats.to(self.device).float())
+        if repeats > 1:
+            kv = _reorder(kv, torch.arange(image_feats.shape[0], device=self.device).repeat_interleave(repeats))
+        ids = ids.to(self.device)
+        is_eos = ids == self.eos_id
+        first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), ids.shape[1] - 1)
+        ids = ids[:, : int(first_eos.max()) + 1]  # causal: the positions after every row's [SEP] change nothing
+        logits, _ = self.logits(kv, ids[:, :-1])
         lp = self._log_probs(logits).gather(-1, self.text.output_index(ids[:, 1:, None])).squeeze(-1)
         is_eos = ids[:, 1:] == self.eos_id
         count = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # up to and including the first [SEP]
         n = count.sum(1)
         return lp.masked_fill(~count, 0.0).sum(1) / n.float().pow(length_penalty)
+
+    def score_captions(self, image_feats: torch.Tensor, captions: Sequence[str], length_penalty: float = 1.0) -> torch.Tensor:
+        """Reranking (noisy parallel decoding, Gu et al. 2018): image tokens (B, N_img, D_img) and k captions per
+        image (B * k strings, grouped by image) -> (B * k,) each caption's search objective (``sequence_scores``):
+        its mean log-probability under this model with the default ``length_penalty`` 1.0."""
+        if len(captions) % image_feats.shape[0]:
+            raise ValueError(f"{len(captions)} captions is not a multiple of {image_feats.shape[0]} images")
+        ids = self.text.tokenize(captions)["input_ids"]
+        return self.sequence_scores(image_feats, ids, length_penalty, repeats=len(captions) // image_feats.shape[0])
 
     # ------------------------------------------------------------------ decoding
     def _greedy(self, feats: torch.Tensor, steps: int, use_cache: bool, length_penalty: float):
@@ -358,4 +387,4 @@ class ARCaptioner(Captioner):
         return self.generate(images, **kwargs).captions
 
 
-__all__ = ["ARCaptioner", "ARCaptionOutput", "ARDecoder", "ARBlock", "CausalSelfAttention", "MODEL_TYPE"]
+__all__ = ["ARCaptioner", "ARCaptionOutput", "load_reranker", "ARDecoder", "ARBlock", "CausalSelfAttention", "MODEL_TYPE"]
