@@ -22,10 +22,15 @@ def feature_cache_dir() -> str:
 def caption_split(
     model, records, *, sampling: dict[str, Any], batch_size: int = 64, progress: bool = True
 ) -> tuple[dict[str, str], float]:
-    """Caption ``records`` (image tokens from the feature cache). Returns ({image_id: caption}, seconds of decoding)."""
+    """Caption ``records`` (image tokens from the feature cache). Returns ({image_id: caption}, seconds of decoding).
+    ``sampling["rerank_with"]`` may name the reranking AR model (a folder or "shipped"; loaded before the clock)."""
     from ladic.data.features import build_features
 
     feats = build_features(model, records, feature_cache_dir(), progress=progress)
+    if isinstance(sampling.get("rerank_with"), (str, Path)):
+        from ladic.baselines.ar import load_reranker
+
+        sampling = {**sampling, "rerank_with": load_reranker(sampling["rerank_with"], model.device)}
     t0 = time.perf_counter()
     caps = model.generate(feats.images.float(), batch_size=batch_size, progress=progress, **sampling).captions
     return dict(zip(feats.image_ids, caps)), time.perf_counter() - t0
@@ -136,10 +141,6 @@ def evaluate_model(
         records = load_karpathy(references, image_root, split)
     records = records[:limit] if limit else records
     desc = ", ".join(f"{k}={v}" for k, v in sampling.items() if v is not None)
-    if isinstance(sampling.get("rerank_with"), (str, Path)):  # a folder or "shipped": ``load_reranker``
-        from ladic.baselines.ar import load_reranker
-
-        sampling["rerank_with"] = load_reranker(sampling["rerank_with"])
     results, seconds = caption_split(model, records, sampling=sampling)
     refs = {r.image_id: r.captions for r in records}
     images = {r.image_id: r.image_path for r in records}

@@ -85,6 +85,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--systems", default="student,teacher,ar",
                    help="pareto: which systems to measure now (rows of the others already in --out-dir are kept)")
     p.add_argument("--student-steps", default="1,2", help="pareto: the student's step counts")
+    p.add_argument("--rerank", default="", help="pareto: also the student's 1 step x k + AR rerank, for each k "
+                                                "of this list (e.g. 5,10; default none)")
     p.add_argument("--teacher-steps", default="5,30", help="pareto: the teacher's step counts")
     p.add_argument("--progress", action="store_true", help="progress bars")
 
@@ -212,7 +214,7 @@ def _cmd_pareto(args: argparse.Namespace, session: Session, out_dir: Path) -> li
     rows = []
     if "student" in systems:
         models["student"] = session.student()
-        rows += student_rows(_ints(args.student_steps), args.mbr)
+        rows += student_rows(_ints(args.student_steps), args.mbr, _ints(args.rerank), str(session.ar_path() or "shipped"))
     if "teacher" in systems:
         models["teacher"] = session.teacher()
         rows += teacher_rows(_ints(args.teacher_steps), models["teacher"].config.guidance_scale)
@@ -234,7 +236,9 @@ def _cmd_pareto(args: argparse.Namespace, session: Session, out_dir: Path) -> li
         "Scores x100 (pycocoevalcap; CIDEr = CIDEr-D). B&R = Back&Refine; MBR k keeps the minimum-Bayes-risk "
         "caption of k draws; the student samples without guidance, B&R or clamping.",
         stats_note(session.train_words() is not None),
-    ]
+    ] + (["x k + AR rerank: k one-step draws at the k most likely lengths, of which the AR baseline's length-"
+          "normalised log-likelihood (one teacher-forced pass over the k, timed) picks one (noisy parallel decoding)."]
+         if any("AR rerank" in r["name"] for r in merged) else [])
     return write_pareto(merged, notes, out_dir, meta)
 
 

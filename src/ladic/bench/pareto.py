@@ -30,11 +30,16 @@ def student_sampling(steps: int) -> dict[str, Any]:
     return dict(num_inference_steps=steps, guidance_scale=0.0, back_and_refine=False, clamp=False, seed=0)
 
 
-def student_rows(steps: Sequence[int] = (1, 2), mbr: int = 5) -> list[QualityRow]:
-    """The student's own sampler at each step count, +/- MBR."""
-    return [QualityRow(student_name(s) + (f" + MBR {k}" if k > 1 else ""), "student",
+def student_rows(steps: Sequence[int] = (1, 2), mbr: int = 5, rerank: Sequence[int] = (),
+                 ar_path: str = "shipped") -> list[QualityRow]:
+    """The student's own sampler at each step count, +/- MBR; at one step also each of ``rerank``'s k: k draws
+    at the k most likely lengths, the one the AR (``ar_path``) scores highest returned (``rerank_with``)."""
+    rows = [QualityRow(student_name(s) + (f" + MBR {k}" if k > 1 else ""), "student",
                        {**student_sampling(s), "mbr_candidates": k})
             for s in steps for k in ((1, mbr) if mbr > 1 else (1,))]
+    return rows + [QualityRow(f"{student_name(1)} x {k} + AR rerank", "student",
+                              {**student_sampling(1), "mbr_candidates": k, "mbr_lengths": "top", "rerank_with": ar_path})
+                   for k in rerank]
 
 
 def teacher_rows(steps: Sequence[int] = (5, 30), guidance: float = 1.0) -> list[QualityRow]:
