@@ -170,6 +170,6 @@ def test_rerank_needs_candidates(model_dir, tmp_path, capsys):
     assert main(["caption", str(path), "--model", model_dir, "--rerank"]) == 2
     assert "--mbr K with K >= 2" in capsys.readouterr().err
     ARCaptioner(preset("tiny")).save_pretrained(tmp_path / "ar")
-    assert main(["caption", str(path), "--model", model_dir, "--mbr", "3", "--rerank", str(tmp_path / "ar")]) == 0
+    assert main(["caption", str(path), "--model", model_dir, "--mbr", "3", "--rerank", "--rerank-model", str(tmp_path / "ar")]) == 0
     out = capsys.readouterr().out.strip().split("\t")
     assert out[0] == str(path) and out[1]

@@ -29,10 +29,10 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
         num_inference_steps=args.steps, guidance_scale=args.guidance, back_and_refine=args.back_and_refine,
         mbr_candidates=args.mbr, seed=args.seed, clamp=args.clamp, mbr_lengths=args.mbr_lengths,
     )
-    if args.rerank is not None:
+    if args.rerank:
         from ladic.baselines.ar import load_reranker
 
-        kwargs["rerank_with"] = load_reranker(args.rerank, args.device)
+        kwargs["rerank_with"] = load_reranker(args.rerank_model, args.device)
     return kwargs
 
 
@@ -54,9 +54,11 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mbr-lengths", choices=("top", "predicted"), default=None,
                    help="length-conditioned models: candidate j at the j-th most likely length (top) or all at the "
                         "most likely one (predicted) (default: the model's)")
-    p.add_argument("--rerank", nargs="?", const="shipped", default=None, metavar="AR_MODEL",
+    p.add_argument("--rerank", action="store_true",
                    help="of the --mbr candidates, take the one the AR baseline finds most likely instead of the MBR "
-                        "choice (noisy parallel decoding; default AR_MODEL: the shipped one)")
+                        "choice (noisy parallel decoding)")
+    p.add_argument("--rerank-model", default="shipped", metavar="DIR",
+                   help="the AR model that --rerank scores with (default: the shipped baseline)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
                    help="snap intermediate estimates to decoded-token latents (default from the model config)")
@@ -408,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "rerank", None) is not None and args.mbr < 2:
+    if getattr(args, "rerank", False) and args.mbr < 2:
         print("error: --rerank chooses among candidates; give --mbr K with K >= 2", file=sys.stderr)
         return 2
     if getattr(args, "fast", False):

@@ -168,8 +168,8 @@ def evaluate_cli(args: argparse.Namespace) -> int:
             sampling = dict(num_inference_steps=args.steps, guidance_scale=args.guidance,
                             back_and_refine=args.back_and_refine, mbr_candidates=args.mbr, seed=args.seed,
                             length=args.length, clamp=args.clamp, mbr_lengths=args.mbr_lengths)
-            if args.rerank is not None:
-                sampling["rerank_with"] = args.rerank
+            if args.rerank:
+                sampling["rerank_with"] = args.rerank_model
             res, results = evaluate_model(args.model, args.split, args.limit, args.references, args.image_root,
                                           sampling, **metric_kw)
             if args.save_results:
