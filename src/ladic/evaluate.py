@@ -140,11 +140,11 @@ def evaluate_model(
             raise ValueError("--image-root is required with --references when captioning")
         records = load_karpathy(references, image_root, split)
     records = records[:limit] if limit else records
-    desc = ", ".join(f"{k}={v}" for k, v in sampling.items() if v is not None)
     results, seconds = caption_split(model, records, sampling=sampling)
     refs = {r.image_id: r.captions for r in records}
     images = {r.image_id: r.image_path for r in records}
     res = coco_metrics(results, refs, images=images, **metric_kw)
+    desc = ", ".join(f"{k}={v}" for k, v in sampling.items() if v is not None)
     res.settings += (f"; model={model_path or 'shipped default'} ({type(model).__name__}); split={split}; "
                      f"images={len(records)}; sampling: {desc or 'model defaults'}; decode_s={seconds:.1f}")
     return res, results

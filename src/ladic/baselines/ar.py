@@ -240,14 +240,13 @@ class ARCaptioner(Captioner):
         if repeats > 1:
             kv = _reorder(kv, torch.arange(image_feats.shape[0], device=self.device).repeat_interleave(repeats))
         ids = ids.to(self.device)
-        is_eos = ids == self.eos_id
-        first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), ids.shape[1] - 1)
-        ids = ids[:, : int(first_eos.max()) + 1]  # causal: the positions after every row's [SEP] change nothing
-        logits, _ = self.logits(kv, ids[:, :-1])
-        lp = self._log_probs(logits).gather(-1, self.text.output_index(ids[:, 1:, None])).squeeze(-1)
         is_eos = ids[:, 1:] == self.eos_id
         count = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # up to and including the first [SEP]
         n = count.sum(1)
+        longest = int(n.max())  # causal: the positions after every row's first [SEP] change nothing
+        ids, count = ids[:, : longest + 1], count[:, :longest]
+        logits, _ = self.logits(kv, ids[:, :-1])
+        lp = self._log_probs(logits).gather(-1, self.text.output_index(ids[:, 1:, None])).squeeze(-1)
         return lp.masked_fill(~count, 0.0).sum(1) / n.float().pow(length_penalty)
 
     def score_captions(self, image_feats: torch.Tensor, captions: Sequence[str], length_penalty: float = 1.0) -> torch.Tensor:

@@ -238,7 +238,7 @@ def _cmd_pareto(args: argparse.Namespace, session: Session, out_dir: Path) -> li
         stats_note(session.train_words() is not None),
     ] + (["x k + AR rerank: k one-step draws at the k most likely lengths, of which the AR baseline's length-"
           "normalised log-likelihood (one teacher-forced pass over the k, timed) picks one (noisy parallel decoding)."]
-         if any("AR rerank" in r["name"] for r in merged) else [])
+         if any("rerank_with" in r["sampling"] for r in merged) else [])
     return write_pareto(merged, notes, out_dir, meta)
 
 
