@@ -270,3 +270,41 @@ def test_distill_select_references_trains_on_the_draw_closest_to_the_human_capti
     assert targets == student.text.ids_to_text(student.text.tokenize(expected)["input_ids"], collapse_repeats=False)
     with pytest.raises(ValueError, match="distill_select"):
         load_datasets(TrainConfig.load(None, opts + ["distill_select=best"]), student, progress=False)
+
+
+def test_distill_pool_adds_another_captioners_beams_to_the_selection(tmp_path, monkeypatch):
+    """distill_pool_from: an AR captioner's distill_pool_beams beams per photo join the LaDiC teacher's draws, and
+    the reference selection picks among all of them; without distill_select="references" it is refused."""
+    from ladic import LaDiC, preset
+    from ladic.baselines import ARCaptioner
+    from ladic.data.captions import CaptionRecord
+    from ladic.data.distill import select_by_references, teacher_captions
+    from ladic.data.scenes import make_scenes
+    from ladic.train import load_datasets
+
+    torch.manual_seed(0)
+    LaDiC(preset("tiny")).save_pretrained(tmp_path / "teacher")
+    ARCaptioner(preset("tiny")).save_pretrained(tmp_path / "ar")
+    scenes = make_scenes(64, seed=0, size=32, max_objects=1)
+    images = [s.image for s in scenes]
+    draws = LaDiC.from_pretrained(tmp_path / "teacher").generate(images, mbr_candidates=2, seed=0).candidates
+    beams = ARCaptioner.from_pretrained(tmp_path / "ar").generate(images, num_beams=3).candidates
+    assert all(len(b) == 3 for b in beams)
+    records = [CaptionRecord(f"train{i}", "", s.captions, "train") for i, s in enumerate(scenes)]
+    expected = select_by_references([d + b for d, b in zip(draws, beams)], records)
+    opts = COMMON + [f"distill_from={tmp_path / 'teacher'}", "distill_mbr=2", f"cache_dir={tmp_path / 'cache'}",
+                     f"distill_pool_from={tmp_path / 'ar'}", "distill_pool_beams=3"]
+    student = LaDiC(preset("tiny"))
+    train_set, _, _ = load_datasets(TrainConfig.load(None, opts + ["distill_select=references"]), student, progress=False)
+    targets = student.text.ids_to_text(train_set.ids, collapse_repeats=False)
+    assert targets == student.text.ids_to_text(student.text.tokenize(expected)["input_ids"], collapse_repeats=False)
+    # the selection sees each photo's draws followed by its beams: picking the last one trains on the last beam
+    monkeypatch.setattr("ladic.data.distill.select_by_references", lambda cands, recs: [c[-1] for c in cands])
+    train_set, _, _ = load_datasets(TrainConfig.load(None, opts + ["distill_select=references"]), student, progress=False)
+    last = [b[-1] for b in beams]
+    assert student.text.ids_to_text(train_set.ids, collapse_repeats=False) == \
+        student.text.ids_to_text(student.text.tokenize(last)["input_ids"], collapse_repeats=False)
+    with pytest.raises(ValueError, match="distill_pool_from needs"):
+        load_datasets(TrainConfig.load(None, opts), student, progress=False)
+    with pytest.raises(ValueError, match="num_beams >= 2"):
+        teacher_captions(tmp_path / "ar", ["a"], images[:1], num_beams=1, candidates=True)

@@ -75,6 +75,10 @@ class TrainConfig:
     # Which of a LaDiC teacher's distill_mbr draws becomes the target: "mbr" (its MBR choice) or "references" (the
     # draw with the highest CIDEr-D against the photo's human references; ladic.data.distill.select_by_references).
     distill_select: str = "mbr"
+    # With distill_select = "references": another captioner folder (e.g. the shipped AR baseline) whose
+    # distill_pool_beams beam candidates per photo join the teacher's draws before the selection (not in the paper).
+    distill_pool_from: str | None = None
+    distill_pool_beams: int = 5
     # "reference": a teacher caption that ends on a function word ("... in front of a") is replaced by the image's
     # consensus human reference (see ``references``), so a student does not learn cut-off endings; "keep": as is.
     distill_dangling: str = "keep"
@@ -209,6 +213,13 @@ def training_features(tc: TrainConfig, model: LaDiC, records: list, cache: str |
         caps = teacher_captions(tc.distill_from, [r.image_id for r in records], sources, tokens, model.image_encoder.name,
                                 tc.distill_beams, tc.distill_mbr, cache, progress=progress, sampler=tc.distill_sampler,
                                 candidates=by_refs)
+        if tc.distill_pool_from and not by_refs:
+            raise ValueError("distill_pool_from needs distill_select = 'references'")
+        if tc.distill_pool_from:
+            pool = teacher_captions(tc.distill_pool_from, [r.image_id for r in records], sources, tokens,
+                                    model.image_encoder.name, tc.distill_pool_beams, cache_dir=cache, progress=progress,
+                                    candidates=True)
+            caps = [list(a) + list(b) for a, b in zip(caps, pool)]
         if by_refs:
             caps = select_by_references(caps, records)
         caps = replace_dangling(caps, records, tc.distill_dangling)

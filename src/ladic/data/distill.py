@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ladic.data.captions import CaptionRecord
+from ladic.data.features import shard_and_gather
 from ladic.image_io import ImageInput
 
 
@@ -31,22 +32,6 @@ def _teacher_key(folder: Path, num_beams: int, image_ids: Sequence[str], mbr_can
     extra += ["candidates"] if candidates else []
     h.update(json.dumps([num_beams, list(image_ids)] + extra).encode())
     return h.hexdigest()[:16]
-
-
-def _shard_and_gather(run, n: int) -> list[str]:
-    """``run(indices)`` on this rank's share of ``range(n)`` (every world-th item); all ranks get all results."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return run(list(range(n)))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = run(list(range(rank, n, world)))
-    parts: list[list[str] | None] = [None] * world
-    dist.all_gather_object(parts, mine)
-    out = [""] * n
-    for r, part in enumerate(parts):
-        out[r::world] = part
-    return out
 
 
 @torch.no_grad()
@@ -64,8 +49,9 @@ def teacher_captions(
     sampler: dict[str, Any] | None = None,
     candidates: bool = False,
 ) -> list[str] | list[list[str]]:
-    """The teacher's caption of every image, one string per image (with ``candidates``: the list of all its
-    ``mbr_candidates`` draws per image instead of their MBR choice, for ``select_by_references``).
+    """The teacher's caption of every image, one string per image (with ``candidates``: the list of all of a LaDiC
+    teacher's ``mbr_candidates`` draws, or of an AR teacher's ``num_beams`` beams, per image instead of its choice,
+    for ``select_by_references``).
 
     Args:
         teacher_path: a model folder (the AR baseline or a LaDiC model), loaded with ``ladic.models.load_model``.
@@ -82,8 +68,6 @@ def teacher_captions(
     from ladic.models import load_model
 
     folder = Path(teacher_path)
-    if candidates and mbr_candidates < 2:
-        raise ValueError("candidates needs mbr_candidates >= 2")
     if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"distill_from {folder}: not a model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
     cache = None
@@ -93,11 +77,13 @@ def teacher_captions(
         if cache.is_file():
             return json.loads(cache.read_text())
     teacher = load_model(folder)
+    if candidates and (num_beams if teacher.model_type == "ar" else mbr_candidates) < 2:
+        raise ValueError("candidates needs mbr_candidates >= 2 (a LaDiC teacher) or num_beams >= 2 (an AR teacher)")
     same = image_tokens is not None and teacher.image_encoder.pretrained and teacher.image_encoder.name == image_encoder_name
     inputs = image_tokens.float() if same else list(images)
     if teacher.model_type == "ar":
-        if sampler or candidates:
-            raise ValueError("sampler overrides and candidates apply to a LaDiC teacher, not the AR baseline")
+        if sampler:
+            raise ValueError("sampler overrides apply to a LaDiC teacher, not the AR baseline")
         kwargs: dict[str, Any] = {"num_beams": num_beams}
     else:
         kwargs = {"mbr_candidates": mbr_candidates, **(sampler or {})}
@@ -108,7 +94,7 @@ def teacher_captions(
         out = teacher.generate(part, batch_size=batch_size, progress=progress, seed=0, **kwargs)
         return out.candidates if candidates else out.captions
 
-    caps = _shard_and_gather(run, len(image_ids))
+    caps = shard_and_gather(run, len(image_ids))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")

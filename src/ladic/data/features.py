@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +55,33 @@ def _key(*parts: object) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def shard_and_gather(run, n: int):
+    """``run(indices)`` on this rank's share of ``range(n)`` (every world-th item) and all ranks get all n results,
+    in order: a list, or a tensor with one row per item. Without torch.distributed, or with fewer items than ranks
+    (no rank runs on nothing): ``run(range(n))``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or not 1 < dist.get_world_size() <= n:
+        return run(list(range(n)))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parts: list = [None] * world
+    dist.all_gather_object(parts, run(list(range(rank, n, world))))
+    if isinstance(parts[0], torch.Tensor):
+        out = parts[0].new_empty((n, *parts[0].shape[1:]))
+    else:
+        out = [None] * n
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
 def _cached(path: Path | None, compute, progress: bool) -> dict[str, torch.Tensor]:
     if path is not None and path.is_file():
         return load_file(str(path))
     out = compute()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # under torchrun every rank writes the same file
         save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
         tmp.replace(path)
     return out
@@ -116,7 +137,11 @@ def build_image_features(model, records: Sequence[CaptionRecord], cache_dir: str
     if cache_dir is not None and images is None and enc.pretrained:
         key = _key(enc.name, getattr(enc, "cache_key", ""), sources, *(["flip"] if flip else []))
         img_path = Path(cache_dir) / f"img-{enc.name.replace('/', '_').replace(':', '_')}{'-flip' if flip else ''}-{key}.safetensors"
-    return _cached(img_path, lambda: {"images": encode_images(enc, sources, batch_size, progress, flip)}, progress)["images"]
+
+    def encode(idx: list[int]) -> torch.Tensor:  # under torchrun each rank encodes every world-th image
+        return encode_images(enc, [sources[i] for i in idx], batch_size, progress, flip)
+
+    return _cached(img_path, lambda: {"images": shard_and_gather(encode, len(sources))}, progress)["images"]
 
 
 def build_features(
