@@ -72,8 +72,9 @@ class TrainConfig:
     distill_beams: int = 3  # beam width of an AR teacher
     distill_mbr: int = 1  # MBR candidates of a LaDiC teacher (its full sampler + MBR: the few-step student's target)
     distill_sampler: dict[str, Any] = field(default_factory=dict)  # a LaDiC teacher's sampler overrides, e.g. w = 0
-    # Which of a LaDiC teacher's distill_mbr draws becomes the target: "mbr" (its MBR choice) or "references" (the
-    # draw with the highest CIDEr-D against the photo's human references; ladic.data.distill.select_by_references).
+    # Which of a LaDiC teacher's distill_mbr draws (an AR teacher's distill_beams beams) becomes the target: "mbr" (the
+    # teacher's own choice) or "references" (the candidate with the highest CIDEr-D against the photo's human
+    # references; ladic.data.distill.select_by_references).
     distill_select: str = "mbr"
     # With distill_select = "references": another captioner folder (e.g. the shipped AR baseline) whose
     # distill_pool_beams beam candidates per photo join the teacher's draws before the selection (not in the paper).
