@@ -274,7 +274,8 @@ def test_distill_select_references_trains_on_the_draw_closest_to_the_human_capti
 
 def test_distill_pool_adds_another_captioners_beams_to_the_selection(tmp_path, monkeypatch):
     """distill_pool_from: an AR captioner's distill_pool_beams beams per photo join the LaDiC teacher's draws, and
-    the reference selection picks among all of them; without distill_select="references" it is refused."""
+    the reference selection picks among all of them; without distill_select="references" it is refused. An AR
+    teacher alone (distill_from) is selected among its distill_beams beams."""
     from ladic import LaDiC, preset
     from ladic.baselines import ARCaptioner
     from ladic.data.captions import CaptionRecord
@@ -304,6 +305,13 @@ def test_distill_pool_adds_another_captioners_beams_to_the_selection(tmp_path, m
     last = [b[-1] for b in beams]
     assert student.text.ids_to_text(train_set.ids, collapse_repeats=False) == \
         student.text.ids_to_text(student.text.tokenize(last)["input_ids"], collapse_repeats=False)
+    # an AR teacher alone: the selection is among its beams
+    monkeypatch.undo()
+    ar_opts = COMMON + [f"distill_from={tmp_path / 'ar'}", "distill_beams=3", "distill_select=references",
+                        f"cache_dir={tmp_path / 'cache'}"]
+    train_set, _, _ = load_datasets(TrainConfig.load(None, ar_opts), student, progress=False)
+    assert student.text.ids_to_text(train_set.ids, collapse_repeats=False) == student.text.ids_to_text(
+        student.text.tokenize(select_by_references(beams, records))["input_ids"], collapse_repeats=False)
     with pytest.raises(ValueError, match="distill_pool_from needs"):
         load_datasets(TrainConfig.load(None, opts), student, progress=False)
     with pytest.raises(ValueError, match="num_beams >= 2"):
