@@ -48,12 +48,15 @@ def test_one_step_student_reproduces_its_teachers_full_sampler(teacher, tmp_path
         "num_scenes=200", "max_steps=150", "lr=0.001", "ema_decay=0.9", f"init_from={teacher}", f"distill_from={teacher}",
         "model.timestep_sampling=few_step", "model.student_steps=1", "model.student_timestep_prob=0.7",
         "model.num_inference_steps=1", "model.guidance_scale=0.0", "model.back_and_refine=false",
-        f"out_dir={tmp_path}",
+        f"out_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
     ])))
     scenes = make_scenes(200, seed=0, size=64, max_objects=1)  # the student's training scenes
     images = [s.image for s in scenes]
     tokens = student.image_encoder.encode(images).half().float()  # as the feature cache stores them
-    target = teacher_captions(teacher, [str(i) for i in range(len(scenes))], images, tokens, "efficientnet-lite0")
+    # the targets the student trained on, from the cache its run wrote (ids as load_datasets names the scenes)
+    target = teacher_captions(teacher, [f"train{i}" for i in range(len(scenes))], images, tokens, "efficientnet-lite0",
+                              cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("teacher-*.json"))) == 1
     one_step = student.caption(tokens, seed=0, batch_size=100)
     base = LaDiC.from_pretrained(teacher).caption(tokens, seed=0, batch_size=100, num_inference_steps=1,
                                                   guidance_scale=0.0, back_and_refine=False)
