@@ -286,14 +286,14 @@ def test_distill_pool_adds_another_captioners_beams_to_the_selection(tmp_path, m
     torch.manual_seed(0)
     LaDiC(preset("tiny")).save_pretrained(tmp_path / "teacher")
     ARCaptioner(preset("tiny")).save_pretrained(tmp_path / "ar")
-    scenes = make_scenes(64, seed=0, size=32, max_objects=1)
+    scenes = make_scenes(16, seed=0, size=32, max_objects=1)
     images = [s.image for s in scenes]
     draws = LaDiC.from_pretrained(tmp_path / "teacher").generate(images, mbr_candidates=2, seed=0).candidates
     beams = ARCaptioner.from_pretrained(tmp_path / "ar").generate(images, num_beams=3).candidates
     assert all(len(b) == 3 for b in beams)
     records = [CaptionRecord(f"train{i}", "", s.captions, "train") for i, s in enumerate(scenes)]
     expected = select_by_references([d + b for d, b in zip(draws, beams)], records)
-    opts = COMMON + [f"distill_from={tmp_path / 'teacher'}", "distill_mbr=2", f"cache_dir={tmp_path / 'cache'}",
+    opts = COMMON + ["num_scenes=16", f"distill_from={tmp_path / 'teacher'}", "distill_mbr=2", f"cache_dir={tmp_path / 'cache'}",
                      f"distill_pool_from={tmp_path / 'ar'}", "distill_pool_beams=3"]
     student = LaDiC(preset("tiny"))
     train_set, _, _ = load_datasets(TrainConfig.load(None, opts + ["distill_select=references"]), student, progress=False)
@@ -307,7 +307,7 @@ def test_distill_pool_adds_another_captioners_beams_to_the_selection(tmp_path, m
         student.text.ids_to_text(student.text.tokenize(last)["input_ids"], collapse_repeats=False)
     # an AR teacher alone: the selection is among its beams
     monkeypatch.undo()
-    ar_opts = COMMON + [f"distill_from={tmp_path / 'ar'}", "distill_beams=3", "distill_select=references",
+    ar_opts = COMMON + ["num_scenes=16", f"distill_from={tmp_path / 'ar'}", "distill_beams=3", "distill_select=references",
                         f"cache_dir={tmp_path / 'cache'}"]
     train_set, _, _ = load_datasets(TrainConfig.load(None, ar_opts), student, progress=False)
     assert student.text.ids_to_text(train_set.ids, collapse_repeats=False) == student.text.ids_to_text(
