@@ -211,15 +211,14 @@ def training_features(tc: TrainConfig, model: LaDiC, records: list, cache: str |
         if tc.distill_select not in ("mbr", "references"):
             raise ValueError(f"unknown distill_select {tc.distill_select!r}; use 'mbr' or 'references'")
         by_refs = tc.distill_select == "references"
-        caps = teacher_captions(tc.distill_from, [r.image_id for r in records], sources, tokens, model.image_encoder.name,
-                                tc.distill_beams, tc.distill_mbr, cache, progress=progress, sampler=tc.distill_sampler,
-                                candidates=by_refs)
         if tc.distill_pool_from and not by_refs:
             raise ValueError("distill_pool_from needs distill_select = 'references'")
+        ids = [r.image_id for r in records]
+        caps = teacher_captions(tc.distill_from, ids, sources, tokens, model.image_encoder.name, tc.distill_beams,
+                                tc.distill_mbr, cache, progress=progress, sampler=tc.distill_sampler, candidates=by_refs)
         if tc.distill_pool_from:
-            pool = teacher_captions(tc.distill_pool_from, [r.image_id for r in records], sources, tokens,
-                                    model.image_encoder.name, tc.distill_pool_beams, cache_dir=cache, progress=progress,
-                                    candidates=True)
+            pool = teacher_captions(tc.distill_pool_from, ids, sources, tokens, model.image_encoder.name,
+                                    tc.distill_pool_beams, cache_dir=cache, progress=progress, candidates=True)
             caps = [list(a) + list(b) for a, b in zip(caps, pool)]
         if by_refs:
             caps = select_by_references(caps, records)

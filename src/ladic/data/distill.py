@@ -65,11 +65,16 @@ def teacher_captions(
     Under torchrun every rank captions every world-th image and all ranks receive all captions.
     """
     from ladic.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
-    from ladic.models import load_model
+    from ladic.models import checkpoint_model_type, load_model
 
     folder = Path(teacher_path)
     if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"distill_from {folder}: not a model folder (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+    is_ar = checkpoint_model_type(folder) == "ar"
+    if candidates and (num_beams if is_ar else mbr_candidates) < 2:
+        raise ValueError("candidates needs mbr_candidates >= 2 (a LaDiC teacher) or num_beams >= 2 (an AR teacher)")
+    if is_ar and sampler:
+        raise ValueError("sampler overrides apply to a LaDiC teacher, not the AR baseline")
     cache = None
     if cache_dir is not None:
         key = _teacher_key(folder, num_beams, image_ids, mbr_candidates, sampler, candidates)
@@ -77,13 +82,9 @@ def teacher_captions(
         if cache.is_file():
             return json.loads(cache.read_text())
     teacher = load_model(folder)
-    if candidates and (num_beams if teacher.model_type == "ar" else mbr_candidates) < 2:
-        raise ValueError("candidates needs mbr_candidates >= 2 (a LaDiC teacher) or num_beams >= 2 (an AR teacher)")
     same = image_tokens is not None and teacher.image_encoder.pretrained and teacher.image_encoder.name == image_encoder_name
     inputs = image_tokens.float() if same else list(images)
-    if teacher.model_type == "ar":
-        if sampler:
-            raise ValueError("sampler overrides apply to a LaDiC teacher, not the AR baseline")
+    if is_ar:
         kwargs: dict[str, Any] = {"num_beams": num_beams}
     else:
         kwargs = {"mbr_candidates": mbr_candidates, **(sampler or {})}
