@@ -9,6 +9,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist every worker gets an equal share of the cores (the suite alone uses about one core at a
+    time; two workers with two threads each would oversubscribe a 2-core machine)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The learning tests (a teacher trained once, then its student: the longest chain) first, so that under
+    ``--dist worksteal`` they stay together on the first worker while the others run the rest beside them."""
+    items.sort(key=lambda item: item.path.name != "test_learning.py")
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from ladic import LaDiC, preset

@@ -15,7 +15,7 @@ from ladic.train import TrainConfig, train
 DATA = [
     "preset=tiny", "data=scenes", "num_scenes=800", "scene_size=64", "scene_max_objects=1", "scene_captions=1",
     "batch_size=32", "save_every=1000", "eval_every=0", "val_images=0", "progress=false", "model.max_length=10",
-    "model.image_encoder=efficientnet-lite0",
+    "model.image_encoder=efficientnet-lite0", "restrict_vocab=true",
 ]
 
 
@@ -45,7 +45,7 @@ def test_one_step_student_reproduces_its_teachers_full_sampler(teacher, tmp_path
     from ladic.data.distill import teacher_captions
 
     student = LaDiC.from_pretrained(train(TrainConfig.load(None, DATA + [
-        "num_scenes=200", "max_steps=150", "lr=0.001", "ema_decay=0.9", f"init_from={teacher}", f"distill_from={teacher}",
+        "num_scenes=200", "max_steps=300", "lr=0.001", "ema_decay=0.9", f"init_from={teacher}", f"distill_from={teacher}",
         "model.timestep_sampling=few_step", "model.student_steps=1", "model.student_timestep_prob=0.7",
         "model.num_inference_steps=1", "model.guidance_scale=0.0", "model.back_and_refine=false",
         f"out_dir={tmp_path / 'run'}", f"cache_dir={tmp_path / 'cache'}",
@@ -65,4 +65,4 @@ def test_one_step_student_reproduces_its_teachers_full_sampler(teacher, tmp_path
     print(f"exact agreement with the teacher's full sampler: student 1 step {agree:.2f}, teacher 1 step {base_agree:.2f}")
     print(list(zip(target[:5], one_step[:5], base[:5])))
     assert student.config.num_inference_steps == 1 and not student.config.back_and_refine
-    assert agree >= 0.25 and agree >= base_agree + 0.2, (agree, base_agree)  # measured: 0.48 vs 0.07
+    assert agree >= 0.25 and agree >= base_agree + 0.2, (agree, base_agree)  # measured: 0.56 vs 0.16
