@@ -100,7 +100,7 @@ def _teacher_rank(rank: int, world: int, folder: str, init: str, out: str) -> No
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     images = [s.image for s in make_scenes(7, seed=3, size=32)]
     caps = teacher_captions(folder, [f"s{i}" for i in range(7)], images, sampler={"guidance_scale": 0.0},
-                            batch_size=2)
+                            batch_size=2, chunk_size=3, cache_dir=f"{out}-cache")  # chunks of 3, 3 and 1 photos
     with open(f"{out}.{rank}", "w") as f:
         json.dump(caps, f)
     dist.destroy_process_group()
@@ -136,6 +136,41 @@ def test_teacher_captions_sampler_overrides_and_two_ranks(tmp_path):
              nprocs=2)
     for rank in range(2):
         assert json.loads((tmp_path / f"caps.{rank}").read_text()) == one
+    cached = list((tmp_path / "caps-cache").iterdir())  # the whole list; the chunks are gone
+    assert len(cached) == 1 and json.loads(cached[0].read_text()) == one
+
+
+def test_teacher_captions_resume_from_their_saved_chunks(tmp_path, monkeypatch):
+    """A cached teacher run saves its captions chunk by chunk: a run stopped in its second chunk resumes from the
+    first (only the missing photos are captioned), ends with the uninterrupted run's list, and leaves only the
+    whole list in the cache."""
+    from ladic.data.distill import teacher_captions
+    from ladic.data.scenes import make_scenes
+
+    torch.manual_seed(0)
+    LaDiC(preset("tiny")).save_pretrained(tmp_path / "teacher")
+    images = [s.image for s in make_scenes(10, seed=3, size=32)]
+    ids = [f"s{i}" for i in range(10)]
+    kw = {"sampler": {"guidance_scale": 0.0, "num_inference_steps": 3}, "chunk_size": 4, "cache_dir": tmp_path / "cache"}
+    whole = teacher_captions(tmp_path / "teacher", ids, images, sampler=kw["sampler"])
+    generate, calls = LaDiC.generate, []
+
+    def stopped_in_the_second_chunk(self, part, **kwargs):
+        calls.append(len(part))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate(self, part, **kwargs)
+
+    monkeypatch.setattr(LaDiC, "generate", stopped_in_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_captions(tmp_path / "teacher", ids, images, **kw)
+    assert [p.name for p in (tmp_path / "cache").glob("teacher-*.parts/*")] == ["0000000.json"]
+    assert not list((tmp_path / "cache").glob("teacher-*.json"))
+    calls.clear()
+    monkeypatch.setattr(LaDiC, "generate", lambda self, part, **kwargs: calls.append(len(part)) or generate(self, part, **kwargs))
+    assert teacher_captions(tmp_path / "teacher", ids, images, **kw) == whole
+    assert calls == [4, 2]  # photos 4-7 and 8-9; 0-3 came from the saved chunk
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".json"]
 
 
 def test_dangling_teacher_captions_fall_back_to_the_consensus_reference():

@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ladic.data.captions import CaptionRecord
 from ladic.data.features import shard_and_gather
@@ -48,6 +50,7 @@ def teacher_captions(
     progress: bool = False,
     sampler: dict[str, Any] | None = None,
     candidates: bool = False,
+    chunk_size: int = 256,
 ) -> list[str] | list[list[str]]:
     """The teacher's caption of every image, one string per image (with ``candidates``: the list of all of a LaDiC
     teacher's ``mbr_candidates`` draws, or of an AR teacher's ``num_beams`` beams, per image instead of its choice,
@@ -61,6 +64,7 @@ def teacher_captions(
         num_beams: beam width of an AR teacher (a LaDiC teacher ignores it and samples with its defaults, seed 0).
         mbr_candidates: a LaDiC teacher's MBR candidates per image (its full sampler's MBR choice; 1 = off).
         sampler: overrides of a LaDiC teacher's sampler settings (e.g. ``{"guidance_scale": 0.0}``); part of the key.
+        chunk_size: photos per saved chunk of a cached run (``teacher-<key>.parts/`` until the run completes).
 
     Under torchrun every rank captions every world-th image and all ranks receive all captions.
     """
@@ -92,16 +96,37 @@ def teacher_captions(
     def run(idx: list[int]) -> list[str]:
         # the noise is drawn per photo (ladic.photo_seed): a caption does not depend on the rank or batch
         part = inputs[idx] if isinstance(inputs, torch.Tensor) else [inputs[i] for i in idx]
-        out = teacher.generate(part, batch_size=batch_size, progress=progress, seed=0, **kwargs)
+        out = teacher.generate(part, batch_size=batch_size, seed=0, **kwargs)
         return out.candidates if candidates else out.captions
 
-    caps = shard_and_gather(run, len(image_ids))
+    # Chunk by chunk, each chunk's captions saved as they come: an interrupted run (a teacher's 5 draws of 6,000
+    # photos take over an hour on a CPU) resumes from its last finished chunk.
+    parts = cache.with_suffix(".parts") if cache is not None else None
+    n = len(image_ids)
+    caps: list = []
+    with tqdm(total=n, desc="teacher captions", disable=not progress) as bar:
+        for start in range(0, n, chunk_size):
+            part = parts / f"{start:07d}.json" if parts is not None else None
+            if part is not None and part.is_file():
+                chunk = json.loads(part.read_text())
+            else:
+                chunk = shard_and_gather(lambda idx: run([start + i for i in idx]), min(chunk_size, n - start))
+                if part is not None:
+                    _write_json(part, chunk)
+            caps += chunk
+            bar.update(len(chunk))
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(caps))
-        tmp.replace(cache)
+        _write_json(cache, caps)
+        shutil.rmtree(parts, ignore_errors=True)
     return caps
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomic write (under torchrun every rank writes the same file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)
 
 
 def teacher_noise(keys: Sequence[str], length: int, dim: int, seed: int = 0) -> torch.Tensor:
