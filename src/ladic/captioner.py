@@ -18,6 +18,7 @@ from ladic.diffusion import GaussianDiffusion
 from ladic.image_encoders import ImageEncoder
 from ladic.image_io import ImageInput, ImageLoadError, load_images
 from ladic.photo_seed import photo_generator, pixel_key, tensor_key
+from ladic.reward import CiderReward, self_critical_loss
 from ladic.sampling import SampleResult, ddim_sample_loop, guided_denoiser, mbr_select
 
 BLANK_MARKERS = ("[MASK]", "[mask]")
@@ -104,20 +105,25 @@ class LaDiC(Captioner):
         return draws
 
     def forward(
-        self, image_inputs: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor, draws: dict[str, torch.Tensor]
+        self, image_inputs: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor, draws: dict[str, torch.Tensor],
+        reward: CiderReward | None = None, image_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Training step for DDP: cached image tokens (or pixels for a trainable encoder), cached text-encoder
         hidden states (B, L, D) and ids (B, L) -> losses (see ``training_losses``)."""
-        return self.training_losses(self.image_tokens(image_inputs), self.text.regularize(hidden, ids), ids, draws)
+        return self.training_losses(self.image_tokens(image_inputs), self.text.regularize(hidden, ids), ids, draws,
+                                    reward, image_index)
 
     def training_losses(
-        self, image_feats: torch.Tensor, x0: torch.Tensor, ids: torch.Tensor, draws: dict[str, torch.Tensor]
+        self, image_feats: torch.Tensor, x0: torch.Tensor, ids: torch.Tensor, draws: dict[str, torch.Tensor],
+        reward: CiderReward | None = None, image_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """L = ||f(x_t, v, t) - x0||^2 + lambda CE(LMHead(decoder(denorm(x0_hat))), ids)  (paper Eq. 2).
 
         image_feats (B, N, D_img); x0 (B, L, D_txt) regularised latents; ids (B, L) token ids (targets,
         [PAD] included so that the decoder learns to emit it); ``draws`` from ``draw_training_noise``.
         Self-conditioning with probability p_sc, image dropped to the null condition with probability p_cfg.
+        With a ``reward`` (and the training image index (B,) of each row), the one-step sampler's self-critical
+        policy-gradient loss is added with weight ``reward.weight`` (``_reward_losses``, ``ladic.reward``).
         """
         cfg = self.config
         device = x0.device
@@ -158,7 +164,41 @@ class LaDiC(Captioner):
         if length_loss is not None:
             out["loss"] = out["loss"] + cfg.length_loss_weight * length_loss
             out["length"] = length_loss.detach()
+        if reward is not None:
+            if image_index is None:
+                raise ValueError("a reward needs the training image index of every row")
+            out.update(self._reward_losses(image_feats, ids, noise, reward, image_index))
+            out["loss"] = out["loss"] + reward.weight * out["policy"]
+            out["policy"] = out["policy"].detach()
         return out
+
+    def _reward_losses(self, image_feats: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor, reward: CiderReward,
+                       image_index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Self-critical policy gradient of the one-step sampler. Its only call, at t = T - 1 on x_T = F * noise
+        (B, L, D), at each target's length (B,) from ``ids`` (B, L), gives the decoder's per-position distributions
+        (with ``_decode_ids``'s bans); ``reward.samples`` captions per photo are drawn from them and scored by
+        ``reward`` against the human references of training images ``image_index`` (B,).
+        Returns {"policy": loss, "reward": mean CIDEr-D of the samples, "reward_greedy": of the argmax captions}."""
+        cfg = self.config
+        b, k = ids.shape[0], reward.samples
+        fixed, x_fixed, given = self.length_template(b, self.caption_lengths(ids).clamp(min=1))
+        ctx = self.diffuser.image_context(image_feats)
+        if cfg.length_conditioning:
+            ctx = self.diffuser.add_length(ctx, self.caption_lengths(given))
+        t = torch.full((b,), self.diffusion.num_timesteps - 1, device=ids.device, dtype=torch.long)
+        x0_hat = self.diffuser(self.diffusion.noise_factor * noise, t, x_fixed, self.diffuser.image_kv(ctx))
+        x0_hat = torch.where(fixed[..., None], x_fixed, x0_hat)  # as the sampler does: the decoder sees every position
+        free = ~fixed
+        logp = self._free_logits(x0_hat, free, given, cfg.no_dangling_end).log_softmax(-1)  # (N_free, V')
+        picks = torch.multinomial(logp.detach().exp(), k, replacement=True)  # (N_free, k)
+        sentence_logp = logp.new_zeros(b, k).index_add_(0, free.nonzero()[:, 0], logp.gather(1, picks))  # (B, k)
+        choices = torch.cat([picks, logp.detach().argmax(-1, keepdim=True)], 1)  # (N_free, k + 1): last = argmax
+        drawn = given[..., None].repeat(1, 1, k + 1)  # (B, L, k + 1)
+        drawn[free] = self.text.token_ids(choices)
+        texts = self.text.ids_to_text(drawn.permute(0, 2, 1).flatten(0, 1))
+        scores = reward(texts, image_index.repeat_interleave(k + 1).tolist()).view(b, k + 1).to(logp.device)
+        return {"policy": self_critical_loss(sentence_logp, scores[:, :k]), "reward": scores[:, :k].mean(),
+                "reward_greedy": scores[:, k].mean()}
 
     @torch.no_grad()
     def _glance(self, x_t: torch.Tensor, t: torch.Tensor, self_cond: torch.Tensor, kv: list[KV] | torch.Tensor, x0: torch.Tensor,
@@ -191,6 +231,14 @@ class LaDiC(Captioner):
         if free is None or given_ids is None:
             ids = self.text.token_ids(self.text.logits(x0).argmax(-1))
             return ids if given_ids is None else torch.where(given_ids >= 0, given_ids, ids)
+        ids = given_ids.clone()
+        ids[free] = self.text.token_ids(self._free_logits(x0, free, given_ids, no_dangling_end).argmax(-1))
+        return ids
+
+    def _free_logits(self, x0: torch.Tensor, free: torch.Tensor, given_ids: torch.Tensor,
+                     no_dangling_end: bool = False) -> torch.Tensor:
+        """The decoder's logits (N_free, V') at the ``free`` positions (B, L) of x0 (B, L, D), with every word
+        ``_decode_ids`` may not choose there set to -inf."""
         # Only the free positions need a word, so the LM head runs there alone: (N_free, V') logits, not (B, L, V').
         logits = self.text.logits(x0, free).masked_fill_(self.text.to_output_space(self.text.not_a_word), float("-inf"))
         if no_dangling_end:
@@ -202,9 +250,7 @@ class LaDiC(Captioner):
             nb = neighbour[free]
             rows = (nb >= 0).nonzero().squeeze(1)
             logits[rows, self.text.output_index(nb[rows])] = float("-inf")
-        ids = given_ids.clone()
-        ids[free] = self.text.token_ids(logits.argmax(-1))
-        return ids
+        return logits
 
     def length_template(self, batch_size: int, num_tokens: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fixed positions for captions of exactly ``num_tokens`` word pieces (an int, or one per row (B,)):

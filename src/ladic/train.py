@@ -98,6 +98,10 @@ class TrainConfig:
     # The LM head scores only the word pieces of the training targets (+ specials) instead of all 30,522: the
     # output layer costs a fraction, and the vocabulary is saved with the model (LaDiCConfig.output_vocab_size).
     restrict_vocab: bool = False
+    # Self-critical policy gradient on CIDEr-D (ladic.reward; not in the paper): with reward_weight > 0 every step
+    # also samples reward_samples one-step captions per photo and adds reward_weight x the policy-gradient loss.
+    reward_weight: float = 0.0
+    reward_samples: int = 5
     tensorboard: bool = False
     log_every: int = 50
     progress: bool = True
@@ -197,6 +201,7 @@ def training_features(tc: TrainConfig, model: LaDiC, records: list, cache: str |
     (``ladic.data.distill``): the image tokens are built once, for the teacher and for the set. With
     ``flip_augment`` the mirrored photos follow, captioned by the mirrored targets."""
     tokens = build_image_features(model, records, cache, images, progress=progress)
+    human = {r.image_id: list(r.captions) for r in records}  # the training set's references (reward_weight > 0)
     if tc.references == "consensus":
         from ladic.data.captions import CaptionRecord, consensus_index
 
@@ -225,6 +230,7 @@ def training_features(tc: TrainConfig, model: LaDiC, records: list, cache: str |
         caps = replace_dangling(caps, records, tc.distill_dangling)
         records = distill_records(records, caps, tc.distill_keep_references)
     train = build_features(model, records, cache, images=images, progress=progress, image_tokens=tokens)
+    train.references = human
     if not tc.flip_augment:
         return train
     from ladic.data.captions import CaptionRecord, mirror_caption
@@ -232,7 +238,9 @@ def training_features(tc: TrainConfig, model: LaDiC, records: list, cache: str |
     mirrored = [CaptionRecord(f"{r.image_id}#flip", r.image_path, [mirror_caption(c) for c in r.captions], r.split)
                 for r in records]
     flipped = build_image_features(model, records, cache, images, progress=progress, flip=True)
-    return train.concat(build_features(model, mirrored, cache, images=images, progress=progress, image_tokens=flipped))
+    mirror_set = build_features(model, mirrored, cache, images=images, progress=progress, image_tokens=flipped)
+    mirror_set.references = {f"{k}#flip": [mirror_caption(c) for c in v] for k, v in human.items()}
+    return train.concat(mirror_set)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -356,6 +364,11 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
         step = state["step"]
         if d.main:
             print(f"resumed from {ckpt} at step {step}")
+    reward = None
+    if tc.reward_weight > 0:
+        from ladic.reward import CiderReward
+
+        reward = CiderReward([train_set.references[i] for i in train_set.image_ids], tc.reward_weight, tc.reward_samples)
     ddp = DistributedDataParallel(model) if d.world > 1 else model
     writer = None
     if tc.tensorboard and d.main:
@@ -384,6 +397,7 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
             losses = ddp(
                 train_set.images[train_set.caption_image[idx]].to(device).float(),
                 train_set.hidden[idx].to(device), train_set.ids[idx].to(device).long(), draws,
+                **({} if reward is None else {"reward": reward, "image_index": train_set.caption_image[idx]}),
             )
         loss = losses["loss"]
         check = loss.detach().clone()
@@ -407,12 +421,14 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
         if d.main and (step % tc.log_every == 0 or step == tc.max_steps):
             rec = {"step": step, "loss": loss.item(), "latent": losses["latent"].item(), "caption": losses["caption"].item(),
                    "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
+            rec.update({k: losses[k].item() for k in ("policy", "reward", "reward_greedy") if k in losses})
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             log.write(json.dumps(rec) + "\n")
             log.flush()
             if writer is not None:
-                for k in ("loss", "latent", "caption", "lr"):
-                    writer.add_scalar(f"train/{k}", rec[k], step)
+                for k in ("loss", "latent", "caption", "lr", "policy", "reward", "reward_greedy"):
+                    if k in rec:
+                        writer.add_scalar(f"train/{k}", rec[k], step)
         if d.main and step % tc.save_every == 0:
             save_checkpoint(ckpt, model, ema, opt, sched, step, tc)
         if d.main and val_set is not None and tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.max_steps):
