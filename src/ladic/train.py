@@ -201,7 +201,7 @@ def training_features(tc: TrainConfig, model: LaDiC, records: list, cache: str |
     (``ladic.data.distill``): the image tokens are built once, for the teacher and for the set. With
     ``flip_augment`` the mirrored photos follow, captioned by the mirrored targets."""
     tokens = build_image_features(model, records, cache, images, progress=progress)
-    human = {r.image_id: list(r.captions) for r in records}  # the training set's references (reward_weight > 0)
+    human = {r.image_id: list(r.captions) for r in records}
     if tc.references == "consensus":
         from ladic.data.captions import CaptionRecord, consensus_index
 
@@ -230,7 +230,8 @@ def training_features(tc: TrainConfig, model: LaDiC, records: list, cache: str |
         caps = replace_dangling(caps, records, tc.distill_dangling)
         records = distill_records(records, caps, tc.distill_keep_references)
     train = build_features(model, records, cache, images=images, progress=progress, image_tokens=tokens)
-    train.references = human
+    if tc.reward_weight > 0:  # the reward scores against every human caption, not the (distilled) training targets
+        train.references = human
     if not tc.flip_augment:
         return train
     from ladic.data.captions import CaptionRecord, mirror_caption
@@ -239,7 +240,8 @@ def training_features(tc: TrainConfig, model: LaDiC, records: list, cache: str |
                 for r in records]
     flipped = build_image_features(model, records, cache, images, progress=progress, flip=True)
     mirror_set = build_features(model, mirrored, cache, images=images, progress=progress, image_tokens=flipped)
-    mirror_set.references = {f"{k}#flip": [mirror_caption(c) for c in v] for k, v in human.items()}
+    if tc.reward_weight > 0:
+        mirror_set.references = {f"{k}#flip": [mirror_caption(c) for c in v] for k, v in human.items()}
     return train.concat(mirror_set)
 
 
