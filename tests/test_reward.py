@@ -30,6 +30,8 @@ def test_cider_reward_scores_against_the_photos_own_references():
     assert s[3] == pytest.approx(s[0].item())  # captions are cleaned like the references
     with pytest.raises(ValueError, match="samples"):
         CiderReward(refs, samples=1)
+    with pytest.raises(ValueError, match="supervised"):
+        CiderReward(refs, supervised=-1.0)
 
 
 def test_self_critical_loss_pushes_up_the_samples_that_beat_their_siblings():
@@ -62,6 +64,9 @@ def test_reward_loss_samples_the_one_step_sampler_and_its_argmax_is_the_one_step
     assert losses["reward_greedy"].item() == pytest.approx(sum("circle" in c.split() for c in one_step) / 3)
     with pytest.raises(ValueError, match="image index"):
         model.training_losses(images, x0, ids, draws, reward)
+    reward.supervised = 0.0  # self-critical training only: the loss is the policy gradient's
+    only = model.training_losses(images, x0, ids, draws, reward, torch.tensor([2, 0, 1]))
+    assert only["loss"].item() == pytest.approx(only["policy"].item()) and only["latent"] > 0
 
 
 def test_reward_training_raises_the_rewarded_word():

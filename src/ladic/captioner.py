@@ -123,7 +123,8 @@ class LaDiC(Captioner):
         [PAD] included so that the decoder learns to emit it); ``draws`` from ``draw_training_noise``.
         Self-conditioning with probability p_sc, image dropped to the null condition with probability p_cfg.
         With a ``reward`` (and the training image index (B,) of each row), the one-step sampler's self-critical
-        policy-gradient loss is added with weight ``reward.weight`` (``_reward_losses``, ``ladic.reward``).
+        policy-gradient loss is added with weight ``reward.weight`` and the supervised loss scaled by
+        ``reward.supervised`` (``_reward_losses``, ``ladic.reward``).
         """
         cfg = self.config
         device = x0.device
@@ -168,7 +169,7 @@ class LaDiC(Captioner):
             if image_index is None:
                 raise ValueError("a reward needs the training image index of every row")
             out.update(self._reward_losses(image_feats, ids, noise, reward, image_index))
-            out["loss"] = out["loss"] + reward.weight * out["policy"]
+            out["loss"] = reward.supervised * out["loss"] + reward.weight * out["policy"]
             out["policy"] = out["policy"].detach()
         return out
 

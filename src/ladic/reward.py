@@ -28,10 +28,13 @@ class CiderReward:
     references: list[list[str]]
     weight: float = 1.0  # of the policy-gradient loss, next to the distillation loss
     samples: int = 5  # k captions sampled per photo (>= 2: each sample's baseline is the mean of the others)
+    supervised: float = 1.0  # weight of the supervised (latent + caption + length) loss; 0 = policy gradient only
 
     def __post_init__(self) -> None:
         if self.samples < 2:
             raise ValueError(f"reward samples must be >= 2 (the baseline is the other samples' mean), got {self.samples}")
+        if self.supervised < 0:
+            raise ValueError(f"the supervised loss weight must be >= 0, got {self.supervised}")
 
     def __call__(self, captions: Sequence[str], image_index: Sequence[int]) -> torch.Tensor:
         """Captions (N,) of training images ``image_index`` (N,) -> CIDEr-D (N,) float32."""

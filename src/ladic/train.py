@@ -102,6 +102,9 @@ class TrainConfig:
     # also samples reward_samples one-step captions per photo and adds reward_weight x the policy-gradient loss.
     reward_weight: float = 0.0
     reward_samples: int = 5
+    # Weight of the supervised loss (latent + caption + length) beside the reward; 0 = self-critical training only
+    # (the targets then give only the sampled captions' lengths).
+    reward_supervised_weight: float = 1.0
     tensorboard: bool = False
     log_every: int = 50
     progress: bool = True
@@ -370,7 +373,8 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
     if tc.reward_weight > 0:
         from ladic.reward import CiderReward
 
-        reward = CiderReward([train_set.references[i] for i in train_set.image_ids], tc.reward_weight, tc.reward_samples)
+        reward = CiderReward([train_set.references[i] for i in train_set.image_ids], tc.reward_weight, tc.reward_samples,
+                             tc.reward_supervised_weight)
     ddp = DistributedDataParallel(model) if d.world > 1 else model
     writer = None
     if tc.tensorboard and d.main:
