@@ -32,6 +32,8 @@ def test_cider_reward_scores_against_the_photos_own_references():
         CiderReward(refs, samples=1)
     with pytest.raises(ValueError, match="supervised"):
         CiderReward(refs, supervised=-1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        CiderReward(refs, temperature=0.0)
 
 
 def test_self_critical_loss_pushes_up_the_samples_that_beat_their_siblings():
@@ -67,6 +69,9 @@ def test_reward_loss_samples_the_one_step_sampler_and_its_argmax_is_the_one_step
     reward.supervised = 0.0  # self-critical training only: the loss is the policy gradient's
     only = model.training_losses(images, x0, ids, draws, reward, torch.tensor([2, 0, 1]))
     assert only["loss"].item() == pytest.approx(only["policy"].item()) and only["latent"] > 0
+    reward.temperature, reward.seen = 1e-4, []  # a cold policy samples its argmax
+    model.training_losses(images, x0, ids, draws, reward, torch.tensor([2, 0, 1]))
+    assert reward.seen[0][0] == [c for c in one_step for _ in range(5)]
 
 
 def test_reward_training_raises_the_rewarded_word():

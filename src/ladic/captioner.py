@@ -190,10 +190,11 @@ class LaDiC(Captioner):
         x0_hat = self.diffuser(self.diffusion.noise_factor * noise, t, x_fixed, self.diffuser.image_kv(ctx))
         x0_hat = torch.where(fixed[..., None], x_fixed, x0_hat)  # as the sampler does: the decoder sees every position
         free = ~fixed
-        logp = self._free_logits(x0_hat, free, given, cfg.no_dangling_end).log_softmax(-1)  # (N_free, V')
+        logits = self._free_logits(x0_hat, free, given, cfg.no_dangling_end)  # (N_free, V')
+        logp = (logits / reward.temperature).log_softmax(-1)  # the policy: per-position, at the reward's temperature
         picks = torch.multinomial(logp.detach().exp(), k, replacement=True)  # (N_free, k)
         sentence_logp = logp.new_zeros(b, k).index_add_(0, free.nonzero()[:, 0], logp.gather(1, picks))  # (B, k)
-        choices = torch.cat([picks, logp.detach().argmax(-1, keepdim=True)], 1)  # (N_free, k + 1): last = argmax
+        choices = torch.cat([picks, logits.detach().argmax(-1, keepdim=True)], 1)  # (N_free, k + 1): last = argmax
         drawn = given[..., None].repeat(1, 1, k + 1)  # (B, L, k + 1)
         drawn[free] = self.text.token_ids(choices)
         texts = self.text.ids_to_text(drawn.permute(0, 2, 1).flatten(0, 1))

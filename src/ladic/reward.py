@@ -29,10 +29,13 @@ class CiderReward:
     weight: float = 1.0  # of the policy-gradient loss, next to the distillation loss
     samples: int = 5  # k captions sampled per photo (>= 2: each sample's baseline is the mean of the others)
     supervised: float = 1.0  # weight of the supervised (latent + caption + length) loss; 0 = policy gradient only
+    temperature: float = 1.0  # the policy samples softmax(logits / temperature): < 1 keeps samples near the argmax
 
     def __post_init__(self) -> None:
         if self.samples < 2:
             raise ValueError(f"reward samples must be >= 2 (the baseline is the other samples' mean), got {self.samples}")
+        if self.temperature <= 0:
+            raise ValueError(f"the sampling temperature must be > 0, got {self.temperature}")
         if self.supervised < 0:
             raise ValueError(f"the supervised loss weight must be >= 0, got {self.supervised}")
 

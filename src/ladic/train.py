@@ -105,6 +105,7 @@ class TrainConfig:
     # Weight of the supervised loss (latent + caption + length) beside the reward; 0 = self-critical training only
     # (the targets then give only the sampled captions' lengths).
     reward_supervised_weight: float = 1.0
+    reward_temperature: float = 1.0  # the one-step policy samples softmax(logits / reward_temperature)
     tensorboard: bool = False
     log_every: int = 50
     progress: bool = True
@@ -374,7 +375,7 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
         from ladic.reward import CiderReward
 
         reward = CiderReward([train_set.references[i] for i in train_set.image_ids], tc.reward_weight, tc.reward_samples,
-                             tc.reward_supervised_weight)
+                             tc.reward_supervised_weight, tc.reward_temperature)
     ddp = DistributedDataParallel(model) if d.world > 1 else model
     writer = None
     if tc.tensorboard and d.main:
