@@ -205,7 +205,7 @@ def training_features(tc: TrainConfig, model: LaDiC, records: list, cache: str |
     (``ladic.data.distill``): the image tokens are built once, for the teacher and for the set. With
     ``flip_augment`` the mirrored photos follow, captioned by the mirrored targets."""
     tokens = build_image_features(model, records, cache, images, progress=progress)
-    human = {r.image_id: list(r.captions) for r in records}
+    human = list(records)  # before consensus / distillation replace the captions
     if tc.references == "consensus":
         from ladic.data.captions import CaptionRecord, consensus_index
 
@@ -234,19 +234,20 @@ def training_features(tc: TrainConfig, model: LaDiC, records: list, cache: str |
         caps = replace_dangling(caps, records, tc.distill_dangling)
         records = distill_records(records, caps, tc.distill_keep_references)
     train = build_features(model, records, cache, images=images, progress=progress, image_tokens=tokens)
-    if tc.reward_weight > 0:  # the reward scores against every human caption, not the (distilled) training targets
-        train.references = human
-    if not tc.flip_augment:
-        return train
-    from ladic.data.captions import CaptionRecord, mirror_caption
+    if tc.flip_augment:
+        from ladic.data.captions import CaptionRecord, mirror_caption
 
-    mirrored = [CaptionRecord(f"{r.image_id}#flip", r.image_path, [mirror_caption(c) for c in r.captions], r.split)
-                for r in records]
-    flipped = build_image_features(model, records, cache, images, progress=progress, flip=True)
-    mirror_set = build_features(model, mirrored, cache, images=images, progress=progress, image_tokens=flipped)
-    if tc.reward_weight > 0:
-        mirror_set.references = {f"{k}#flip": [mirror_caption(c) for c in v] for k, v in human.items()}
-    return train.concat(mirror_set)
+        def mirror(recs: list) -> list:
+            return [CaptionRecord(f"{r.image_id}#flip", r.image_path, [mirror_caption(c) for c in r.captions], r.split)
+                    for r in recs]
+
+        flipped = build_image_features(model, records, cache, images, progress=progress, flip=True)
+        train = train.concat(build_features(model, mirror(records), cache, images=images, progress=progress,
+                                            image_tokens=flipped))
+        human += mirror(human)
+    if tc.reward_weight > 0:  # the reward scores against every human caption, not the (distilled) training targets
+        train.references = {r.image_id: list(r.captions) for r in human}
+    return train
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
