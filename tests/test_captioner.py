@@ -124,7 +124,8 @@ def test_length_control(tiny_model, scenes):
     for n in (3, 6):
         out = tiny_model.generate([s.image for s in scenes[:2]], length=n, seed=0)
         ids = [tiny_model.text.tokenizer.encode(c, add_special_tokens=False) for c in out.captions]
-        assert all(1 <= len(i) <= n for i in ids)  # repeats collapsed, never longer
+        assert all(len(i) == n for i in ids), out.captions  # exactly n: no word repeats its left neighbour
+        assert all(a != b for i in ids for a, b in zip(i, i[1:])), out.captions
 
 
 def test_trajectory(tiny_model, scenes):
@@ -195,6 +196,10 @@ def test_no_dangling_end_puts_a_content_word_before_sep(tiny_model, scenes, monk
     monkeypatch.setattr(m.text, "logits", lambda x, positions=None: m.text.to_output_space(logits)[positions])
     assert m.text.ids_to_text(m._decode_ids(x0, ~fixed, given)) == ["a dog runs on a"]
     assert m.text.ids_to_text(m._decode_ids(x0, ~fixed, given, no_dangling_end=True)) == ["a dog runs on ball"]
+    # An asked length: a word that repeats its left neighbour gives way to its runner-up instead of vanishing.
+    logits[0, 3, words[1]] = 3.0  # "a dog dog on a"
+    assert m.text.ids_to_text(m._decode_ids(x0, ~fixed, given)) == ["a dog on a"]
+    assert m.text.ids_to_text(m._decode_ids(x0, ~fixed, given, no_repeat=True)) == ["a dog runs on a"]
     monkeypatch.undo()
     # Sampling end to end: a length-controlled caption never ends on a function word.
     images = [s.image for s in scenes]

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from ladic.baselines.ar import ARCaptioner, default_ar_model_path
-from ladic.captioner import LaDiC, default_model_path, fast_model_path
+from ladic.captioner import LaDiC, default_model_path, full_model_path
 from ladic.cli import main
 from ladic.data.captions import load_flickr8k
 
@@ -30,16 +30,17 @@ def dog_photos(dog_records) -> list[str]:
     return [r.image_path for r in dog_records]
 
 
-@pytest.fixture(scope="module")
-def shipped_ladic() -> LaDiC:
-    return LaDiC.from_pretrained()
+@pytest.fixture(scope="module", params=["default", "full"])
+def shipped_ladic(request) -> LaDiC:
+    """Both shipped LaDiC models: the default one-step student and the full-sampler model (``--full``)."""
+    return LaDiC.from_pretrained(None if request.param == "default" else full_model_path())
 
 
-def test_the_fast_model_is_a_one_step_student(dog_records, capsys):
-    """Its sampler settings live in its config; it writes each caption at the length it predicts; --fast
-    loads it."""
-    fast, full = LaDiC.from_pretrained(fast_model_path()), LaDiC.from_pretrained()
-    assert default_model_path() != fast_model_path()
+def test_the_default_model_is_a_one_step_student(dog_records, capsys):
+    """The default is the one-step student: its sampler settings live in its config, it writes each caption at
+    the length it predicts; --full loads the full-sampler model, --fast names the default."""
+    fast, full = LaDiC.from_pretrained(), LaDiC.from_pretrained(full_model_path())
+    assert default_model_path() != full_model_path()
     c, f = fast.config, full.config
     assert (c.num_inference_steps, c.guidance_scale, c.back_and_refine, c.clamp) == (1, 0.0, False, False)
     assert c.length_conditioning and (f.num_inference_steps, f.back_and_refine, f.clamp) == (5, True, True)
@@ -48,9 +49,16 @@ def test_the_fast_model_is_a_one_step_student(dog_records, capsys):
     out = fast.generate(photos, seed=0)
     assert out.num_evaluations == 1  # one network evaluation per batch
     assert sum(bool(DOG.search(cap)) for cap in out.captions) >= 14, out.captions
-    assert main(["caption", photos[0], "--fast"]) == 0
-    assert capsys.readouterr().out.strip().endswith(out.captions[0])
-    assert main(["caption", photos[0], "--fast", "--model", str(default_model_path())]) == 2
+    for flags in ([], ["--fast"]):
+        assert main(["caption", photos[0], *flags]) == 0
+        assert capsys.readouterr().out.strip().endswith(out.captions[0])
+    full_caption = full.caption(photos[:1], seed=0)[0]
+    assert main(["caption", photos[0], "--full"]) == 0
+    assert capsys.readouterr().out.strip().endswith(full_caption)
+    for flags in (["--fast", "--full"], ["--full", "--model", str(default_model_path())],
+                  ["--fast", "--model", str(full_model_path())]):
+        assert main(["caption", photos[0], *flags]) == 2
+    assert "give one of --model, --fast, --full" in capsys.readouterr().err
 
 
 def test_main_command_captions_the_examples(tmp_path, capsys):

@@ -36,15 +36,15 @@ class CaptionOutput:
 
 
 def default_model_path() -> Path:
-    """The default model shipped inside the package (trained on Flickr8k train): the full sampler, 5 steps with
-    Back&Refine and clamping."""
-    return Path(__file__).resolve().parent / "assets" / "ladic-small-flickr8k"
-
-
-def fast_model_path() -> Path:
-    """The shipped one-step student of the default model: one network evaluation per caption, lower quality
-    (``docs/MODEL_CARD.md``)."""
+    """The default model shipped inside the package (trained on Flickr8k train): the one-step student, one
+    network evaluation per caption (``docs/MODEL_CARD.md``)."""
     return Path(__file__).resolve().parent / "assets" / "ladic-1step-flickr8k"
+
+
+def full_model_path() -> Path:
+    """The shipped full-sampler model, the student's teacher: 5 steps with Back&Refine, clamping and guidance,
+    about 12x the default's decoding time for 2 CIDEr more on Flickr8k val (``docs/MODEL_CARD.md``)."""
+    return Path(__file__).resolve().parent / "assets" / "ladic-small-flickr8k"
 
 
 def is_blank(word: str) -> bool:
@@ -226,15 +226,25 @@ class LaDiC(Captioner):
         return self.text.latents_from_ids(ids, torch.ones_like(ids))
 
     def _decode_ids(self, x0: torch.Tensor, free: torch.Tensor | None = None, given_ids: torch.Tensor | None = None,
-                    no_dangling_end: bool = False) -> torch.Tensor:
+                    no_dangling_end: bool = False, no_repeat: bool = False) -> torch.Tensor:
         """Latent (B, L, D) -> ids (B, L). ``free`` positions take whole words only, never the word given right
         before or after them (a blank that repeats its neighbour would vanish when repeats collapse); given ids
-        are forced. ``no_dangling_end``: a free position right before a given [SEP] takes no function word."""
+        are forced. ``no_dangling_end``: a free position right before a given [SEP] takes no function word.
+        ``no_repeat``: a free position never repeats the word decoded right before it (left to right), so a
+        caption asked for N word pieces keeps N when repeats collapse."""
         if free is None or given_ids is None:
             ids = self.text.token_ids(self.text.logits(x0).argmax(-1))
             return ids if given_ids is None else torch.where(given_ids >= 0, given_ids, ids)
         ids = given_ids.clone()
-        ids[free] = self.text.token_ids(self._free_logits(x0, free, given_ids, no_dangling_end).argmax(-1))
+        logits = self._free_logits(x0, free, given_ids, no_dangling_end)
+        if not no_repeat:
+            ids[free] = self.text.token_ids(logits.argmax(-1))
+            return ids
+        best, runner_up = torch.full_like(ids, -1), torch.full_like(ids, -1)
+        best[free], runner_up[free] = self.text.token_ids(logits.topk(2, dim=-1).indices).unbind(-1)
+        for pos in range(1, ids.shape[1]):  # position 0 is [CLS]
+            pick = torch.where(best[:, pos] == ids[:, pos - 1], runner_up[:, pos], best[:, pos])
+            ids[:, pos] = torch.where(free[:, pos], pick, ids[:, pos])
         return ids
 
     def _free_logits(self, x0: torch.Tensor, free: torch.Tensor, given_ids: torch.Tensor,
@@ -381,6 +391,10 @@ class LaDiC(Captioner):
         else:
             keys = [tensor_key(row) for row in images] if pil is None else [pixel_key(im) for im in pil]
         k = mbr_candidates
+        # An asked length is kept exactly (no word repeats its left neighbour); an infilled caption keeps every
+        # blank's word, even one that repeats the word before it. Other captions collapse repeated words.
+        exact = length is not None
+        collapse = template is None and not exact
         infill = None
         if template is not None and length is None:  # (n, L) fixed, (n, L, D) latents, (n, L) given ids
             templates = [template] * n if isinstance(template, str) else [t for i, t in enumerate(template) if i not in out.errors]
@@ -405,8 +419,8 @@ class LaDiC(Captioner):
             callback = None
             if return_trajectory:
                 def callback(i: int, t: int, x0: torch.Tensor) -> None:
-                    traj.append(self.text.ids_to_text(self._decode_ids(x0, free, given, no_dangling),
-                                                      collapse_repeats=infill is None))
+                    traj.append(self.text.ids_to_text(self._decode_ids(x0, free, given, no_dangling, exact),
+                                                      collapse_repeats=collapse))
             generators = [g for key in keys[start : start + batch_size] for g in [photo_generator(run_seed, key)] * k]
             res: SampleResult = ddim_sample_loop(
                 guided_denoiser(self.diffuser, ctx, w), self.diffusion, (b, cfg.max_length, self.text.dim),
@@ -419,9 +433,8 @@ class LaDiC(Captioner):
                 progress=progress and n <= batch_size,
             )
             out.num_evaluations += res.num_evaluations
-            # An infilled caption keeps every blank's word, even one that repeats the word before it.
-            texts = self.text.ids_to_text(self._decode_ids(res.x0, free, given, no_dangling),
-                                          collapse_repeats=infill is None)
+            texts = self.text.ids_to_text(self._decode_ids(res.x0, free, given, no_dangling, exact),
+                                          collapse_repeats=collapse)
             scores = None if rerank_with is None or k == 1 else rerank_with.score_captions(image_feats, texts).view(-1, k)
             for j in range(0, b, k):
                 group = texts[j : j + k]
@@ -443,16 +456,18 @@ class LaDiC(Captioner):
         Args:
             images: PIL images, file paths, bytes, numpy arrays or tensors (H, W, C / C, H, W), a list of them,
                 a batch tensor (B, C, H, W), or precomputed image tokens (B, N_img, D_img).
-            num_inference_steps: denoising iterations (default from config, 5).
-            guidance_scale: w of classifier-free guidance (default 1.0; 0 disables the unconditional branch).
-            back_and_refine: roll back low-confidence tokens at t = T/2 and refine (default on).
+            num_inference_steps: denoising iterations (default from the config: 1 for the shipped student, 5 for
+                the full-sampler model).
+            guidance_scale: w of classifier-free guidance (default from the config; 0 disables the unconditional
+                branch).
+            back_and_refine: roll back low-confidence tokens at t = T/2 and refine (default from the config).
             mbr_candidates: k > 1 draws k captions per image and returns the MBR choice (or ``rerank_with``'s).
             rerank_with: a model with ``score_captions`` and the same image encoder (the AR baseline,
                 ``ARCaptioner``): of the k candidates, return the one it scores highest (noisy parallel decoding,
                 Gu et al. 2018) instead of the MBR choice. One teacher-forced pass of that model over the k candidates.
             mbr_lengths: for a length-conditioned model, "top": MBR candidate j is sampled at the j-th most likely
                 length; "predicted": all at the most likely length (default from the config, "top").
-            length: ask for exactly this many word-piece tokens.
+            length: ask for exactly this many word-piece tokens (no word then repeats the one before it).
             generator / seed: randomness; the same seed gives the same captions, whatever the batch.
             keys: one stable string per image for its noise (default: a hash of its pixels).
             clamp: snap every intermediate estimate to the latents of its decoded tokens (Diffusion-LM's
@@ -478,4 +493,4 @@ class LaDiC(Captioner):
         return self.generate([image], template=template, **kwargs).captions[0]
 
 
-__all__ = ["LaDiC", "CaptionOutput", "CheckpointError", "ImageLoadError", "default_model_path", "fast_model_path", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["LaDiC", "CaptionOutput", "CheckpointError", "ImageLoadError", "default_model_path", "full_model_path", "CONFIG_NAME", "WEIGHTS_NAME"]

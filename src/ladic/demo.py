@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -609,7 +610,8 @@ def serve(
     from ladic.captioner import LaDiC, default_model_path
 
     model = LaDiC.from_pretrained(model_path, device=device)
-    name = str(model_path) if model_path is not None else f"{default_model_path().name} (shipped)"
+    path = Path(model_path) if model_path is not None else default_model_path()
+    name = f"{path.name} (shipped)" if path.resolve().parent == default_model_path().parent else str(model_path)
     app = create_app(model, max_upload_bytes=max_upload_bytes, model_name=name)
     try:
         sock = _bind(host, port)

@@ -80,8 +80,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", default=",".join(a.name for a in ABLATIONS), help="ablations: which variants")
     p.add_argument("--runs", default="", help="curves: comma-separated `ladic train` out_dirs")
     p.add_argument("--notes", default="", help="curves: a sentence for the table's notes (e.g. the recipe)")
-    p.add_argument("--student", default=None, help="pareto/infill: the few-step student (default: the shipped one, --fast)")
-    p.add_argument("--teacher", default=None, help="pareto/infill: the full-sampler model (default: the shipped default)")
+    p.add_argument("--student", default=None, help="pareto/infill: the few-step student (default: the shipped one, the default model)")
+    p.add_argument("--teacher", default=None, help="pareto/infill: the full-sampler model (default: the shipped one, --full)")
     p.add_argument("--systems", default="student,teacher,ar",
                    help="pareto: which systems to measure now (rows of the others already in --out-dir are kept)")
     p.add_argument("--student-steps", default="1,2", help="pareto: the student's step counts")
@@ -228,7 +228,7 @@ def _cmd_pareto(args: argparse.Namespace, session: Session, out_dir: Path) -> li
         r["measured"] = stamp
     merged = merge_rows(read_rows(out_dir / "pareto.json"), new)
     notes = session.data_notes()[:1] + [
-        f"Student: {args.student or 'the shipped one-step student'}; teacher: {args.teacher or 'the shipped default model'}; "
+        f"Student: {args.student or 'the shipped one-step student'}; teacher: {args.teacher or 'the shipped full-sampler model'}; "
         f"AR: {session.ar_path() or 'none'}.",
         "ms / image: decoding only (`ladic.evaluate.caption_split` from cached image tokens, image encoding "
         f"excluded), batch {args.caption_batch}, seed 0, torch threads {args.threads or 'default'}. Rows measured in "
@@ -259,7 +259,7 @@ def _cmd_infill(args: argparse.Namespace, session: Session, out_dir: Path) -> li
         "'<subject> is/are <verb>ing' caption (`ladic.evaluate.infill_probe`; references without one, or whose "
         "word is more than one word piece, are skipped). The model fills the blank (`generate(template=...)`); "
         "a hit is the exact removed word.",
-        f"Student: {args.student or 'the shipped one-step student'}; teacher: {args.teacher or 'the shipped default model'}.",
+        f"Student: {args.student or 'the shipped one-step student'}; teacher: {args.teacher or 'the shipped full-sampler model'}.",
     ]
     return write_outputs(out_dir, "infill", meta, {"notes": notes, "rows": rows},
                          lambda: infill_markdown(rows, notes, meta))

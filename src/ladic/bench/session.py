@@ -32,18 +32,22 @@ class Session:
         return self._models[key]
 
     def ladic(self):
-        """The LaDiC model of ``--model`` (default: the shipped default)."""
-        return self._ladic_at("ladic", self.args.model, "--model")
+        """The LaDiC model of ``--model`` (default: the shipped full-sampler model)."""
+        from ladic.captioner import full_model_path
+
+        return self._ladic_at("ladic", self.args.model or full_model_path(), "--model")
 
     def student(self):
         """``bench pareto`` / ``infill``: the few-step student of ``--student`` (default: the shipped one)."""
-        from ladic.captioner import fast_model_path
+        from ladic.captioner import default_model_path
 
-        return self._ladic_at("student", self.args.student or fast_model_path(), "--student")
+        return self._ladic_at("student", self.args.student or default_model_path(), "--student")
 
     def teacher(self):
-        """``bench pareto`` / ``infill``: the full-sampler model of ``--teacher`` (default: the shipped default)."""
-        return self._ladic_at("teacher", self.args.teacher, "--teacher")
+        """``bench pareto`` / ``infill``: the full-sampler model of ``--teacher`` (default: the shipped one)."""
+        from ladic.captioner import full_model_path
+
+        return self._ladic_at("teacher", self.args.teacher or full_model_path(), "--teacher")
 
     def ar_path(self) -> str | None:
         """The AR baseline folder of ``--ar-model`` ("shipped": the packaged one if present; "none": no AR rows)."""
