@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ladic.checkpoint import CONFIG_NAME, WEIGHTS_NAME, Captioner, CheckpointError
+from ladic.checkpoint import CONFIG_NAME, WEIGHTS_NAME, Captioner, CheckpointError, shipped_model_path
 from ladic.config import LaDiCConfig
 from ladic.diffuser import KV, Diffuser
 from ladic.diffusion import GaussianDiffusion
@@ -38,13 +38,13 @@ class CaptionOutput:
 def default_model_path() -> Path:
     """The default model shipped inside the package (trained on Flickr8k train): the one-step student, one
     network evaluation per caption (``docs/MODEL_CARD.md``)."""
-    return Path(__file__).resolve().parent / "assets" / "ladic-1step-flickr8k"
+    return shipped_model_path("ladic-1step-flickr8k")
 
 
 def full_model_path() -> Path:
     """The shipped full-sampler model, the student's teacher: 5 steps with Back&Refine, clamping and guidance,
     about 12x the default's decoding time for 2 CIDEr more on Flickr8k val (``docs/MODEL_CARD.md``)."""
-    return Path(__file__).resolve().parent / "assets" / "ladic-small-flickr8k"
+    return shipped_model_path("ladic-small-flickr8k")
 
 
 def is_blank(word: str) -> bool:

@@ -29,6 +29,11 @@ VOCAB_KEY = "text.lm_head.vocab_ids"  # the restricted output vocabulary, when t
 C = TypeVar("C", bound="Captioner")
 
 
+def shipped_model_path(name: str) -> Path:
+    """The folder of a model shipped inside the package, ``src/ladic/assets/<name>``."""
+    return Path(__file__).resolve().parent / "assets" / name
+
+
 class CheckpointError(ValueError):
     """A checkpoint folder is missing, corrupt, or does not match its config."""
 

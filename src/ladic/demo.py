@@ -608,10 +608,11 @@ def serve(
     import uvicorn
 
     from ladic.captioner import LaDiC, default_model_path
+    from ladic.checkpoint import shipped_model_path
 
     model = LaDiC.from_pretrained(model_path, device=device)
     path = Path(model_path) if model_path is not None else default_model_path()
-    name = f"{path.name} (shipped)" if path.resolve().parent == default_model_path().parent else str(model_path)
+    name = f"{path.name} (shipped)" if path.resolve() == shipped_model_path(path.name) else str(model_path)
     app = create_app(model, max_upload_bytes=max_upload_bytes, model_name=name)
     try:
         sock = _bind(host, port)

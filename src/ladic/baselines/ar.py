@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ladic.captioner import CaptionOutput
-from ladic.checkpoint import Captioner
+from ladic.checkpoint import Captioner, shipped_model_path
 from ladic.config import LaDiCConfig
 from ladic.diffuser import KV, Attention, Block, init_weights
 from ladic.image_encoders import ImageEncoder
@@ -151,7 +151,7 @@ def _reorder(kvs: list[KV], index: torch.Tensor) -> list[KV]:
 
 def default_ar_model_path() -> Path:
     """The AR baseline shipped inside the package (trained like the shipped LaDiC, for ``ladic bench``)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "ar-small-flickr8k"
+    return shipped_model_path("ar-small-flickr8k")
 
 
 def load_reranker(path: str | Path | None = "shipped", device: str | torch.device = "cpu") -> "ARCaptioner":
