@@ -19,8 +19,10 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     """The learning tests (a teacher trained once, then its student: the longest chain) first, so that under
-    ``--dist worksteal`` they stay together on the first worker while the others run the rest beside them."""
-    items.sort(key=lambda item: item.path.name != "test_learning.py")
+    ``--dist worksteal`` they stay together on the first worker while the others run the rest beside them; the
+    memorisation tests (two minutes of training) right after them, so that the second worker starts with them."""
+    order = {"test_learning.py": 0, "test_memorise.py": 1}
+    items.sort(key=lambda item: order.get(item.path.name, 2))
 
 
 @pytest.fixture(scope="session")

@@ -197,13 +197,28 @@ def test_dangling_share():
 
 
 def test_oov_share_against_training_words():
-    vocab = bench.caption_vocabulary(["A dog runs.", "the cat's toy"])
+    vocab = bench.training_text(["A dog runs.", "the cat's toy"]).words
     assert vocab == {"a", "dog", "runs", "the", "cat", "s", "toy"}
     assert bench.caption_words("A dog's ball.") == ["a", "dog", "s", "ball"]
     assert bench.oov_share(["a dog flies", "the cat runs"], vocab) == pytest.approx(1 / 6)
     assert bench.oov_share(["a dog"], vocab) == 0.0 and bench.oov_share([""], vocab) == 0.0
     assert bench.oov_share(["a dog"], None) is None
-    assert bench.caption_stats(["a dog on a"], None) == {"dangling_share": 1.0, "oov_share": None}
+    assert bench.caption_stats(["a dog on a"], None) == {"dangling_share": 1.0, "broken_pair_share": None,
+                                                         "oov_share": None}
+
+
+def test_broken_pairs_against_training_pairs():
+    train = bench.training_text(["a dog runs into the water", "a woman and a man", "two dogs are running"] * 50
+                                + ["a rare zebra"])
+    assert train.counts["dog"] == 50 and ("into", "the") in train.pairs
+    # "into a" and "a the": frequent words never adjacent in training; "rare zebra" is seen, "zebra runs" too rare
+    assert bench.broken_pairs("a dog runs into a the water", train) == [("into", "a"), ("a", "the")]
+    assert bench.broken_pairs("a woman and a man", train) == []
+    assert bench.broken_pairs("a zebra runs", train) == []
+    assert bench.broken_pairs("a zebra runs", train, frequent=1) == [("a", "zebra"), ("zebra", "runs")]
+    caps = ["a dog runs into the water", "a woman and a woman are and a woman", "", "a man and a dog"]
+    assert bench.broken_pair_share(caps, train) == 0.5  # "woman are" and "are and"; "man and"
+    assert bench.broken_pair_share([], train) == 0.0 and bench.broken_pair_share(caps, None) is None
 
 
 def test_quality_table_stores_caption_stats(monkeypatch):
@@ -220,30 +235,30 @@ def test_quality_table_stores_caption_stats(monkeypatch):
     monkeypatch.setattr(bench.quality, "require_java", lambda: None)
     records = [CaptionRecord(f"i{i}", f"i{i}.jpg", ["a dog runs"] * 5, "val") for i in range(2)]
     rows = bench.quality_rows("axes", steps=(1,), mbr=1, guidances=(1,), ar=False)[:1]
-    for words, oov in ((frozenset({"a", "dog", "runs", "on", "the"}), 1 / 8), (None, None)):
-        (row,) = bench.quality_table({"ladic": object()}, records, rows, memo=FakeMemo(), train_words=words,
+    for train, oov, broken in ((bench.training_text(["a dog runs on the"] * 50), 1 / 8, 0.0), (None, None, None)):
+        (row,) = bench.quality_table({"ladic": object()}, records, rows, memo=FakeMemo(), train_text=train,
                                      log=lambda s: None)
-        assert row["dangling_share"] == 0.5 and row["oov_share"] == oov
+        assert row["dangling_share"] == 0.5 and row["oov_share"] == oov and row["broken_pair_share"] == broken
 
 
 def test_markdown_shows_caption_stats_and_tolerates_old_json():
     meta = bench.run_meta({})
     scores = {m: 0.25 for m in bench.QUALITY_METRICS}
     old = {"name": "old", "model": "ladic", "scores": scores, "decode_s": 1.0, "ms_per_image": 5.0}
-    new = {**old, "name": "new", "dangling_share": 0.125, "oov_share": None}
+    new = {**old, "name": "new", "dangling_share": 0.125, "broken_pair_share": 0.25, "oov_share": None}
     md = bench.quality_markdown([old, new], [], meta)
-    assert "| decode s | ms / image | dangling % | OOV words % |" in md
-    assert "| old | 25.0 | 25.0 | 25.0 | 25.0 | 1.00 | 5.0 | – | – |" in md
-    assert "| new | 25.0 | 25.0 | 25.0 | 25.0 | 1.00 | 5.0 | 12.5 | – |" in md
+    assert "| decode s | ms / image | dangling % | broken pair % | OOV words % |" in md
+    assert "| old | 25.0 | 25.0 | 25.0 | 25.0 | 1.00 | 5.0 | – | – | – |" in md
+    assert "| new | 25.0 | 25.0 | 25.0 | 25.0 | 1.00 | 5.0 | 12.5 | 25.0 | – |" in md
     per = [{"bucket": "<=9", "images": 1, "BLEU-4": 0.5, "mean_caption_words": 8.0}]
     res = {"buckets": [{"bucket": "<=9", "images": 1}],
            "rows": [{"label": "old", "overall_BLEU-4": 0.5, "buckets": per},
                     {"label": "new", "overall_BLEU-4": 0.5, "buckets": per, "dangling_share": 0.0, "oov_share": 0.02}]}
     md = bench.lengths_markdown(res, [], meta)
-    assert "| old | 8.0 | – | – |" in md and "| new | 8.0 | 0.0 | 2.0 |" in md
+    assert "| old | 8.0 | – | – | – |" in md and "| new | 8.0 | 0.0 | – | 2.0 |" in md
 
 
-def test_session_loads_training_words_once(monkeypatch):
+def test_session_loads_training_text_once(monkeypatch):
     import argparse
 
     import ladic.data.captions
@@ -256,14 +271,14 @@ def test_session_loads_training_words_once(monkeypatch):
 
     monkeypatch.setattr(ladic.data.captions, "load_flickr8k", fake_load)
     session = bench.Session(argparse.Namespace())
-    assert session.train_words() == {"a", "dog", "runs", "cat"} and session.train_words() is session.train_words()
+    assert session.train_text().words == {"a", "dog", "runs", "cat"} and session.train_text() is session.train_text()
     assert calls == ["train"]
 
     def missing(split):
         raise FileNotFoundError("no Flickr8k")
 
     monkeypatch.setattr(ladic.data.captions, "load_flickr8k", missing)
-    assert bench.Session(argparse.Namespace()).train_words() is None
+    assert bench.Session(argparse.Namespace()).train_text() is None
 
 
 def test_bench_arguments_import_without_torch():

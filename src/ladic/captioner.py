@@ -155,11 +155,11 @@ class LaDiC(Captioner):
             glanced, self_cond = self._glance(x_t, t, self_cond, kv, x0, ids, draws["u_glance"].to(device))
             keep = ~glanced
             x0_hat = self.diffuser(x_t, t, self_cond, kv)
-            latent = (x0_hat - x0).pow(2).mean(-1)[keep].mean()
+            latent = self._latent_error(x0_hat, x0)[keep].mean()
             caption = F.cross_entropy(self.text.logits(x0_hat, keep), target[keep])
         else:
             x0_hat = self.diffuser(x_t, t, self_cond, kv)
-            latent = F.mse_loss(x0_hat, x0)
+            latent = self._latent_error(x0_hat, x0).mean()
             caption = F.cross_entropy(self.text.logits(x0_hat).flatten(0, 1), target.flatten())
         out = {"loss": latent + cfg.caption_loss_weight * caption, "latent": latent.detach(), "caption": caption.detach()}
         if length_loss is not None:
@@ -172,6 +172,12 @@ class LaDiC(Captioner):
             out["loss"] = reward.supervised * out["loss"] + reward.weight * out["policy"]
             out["policy"] = out["policy"].detach()
         return out
+
+    def _latent_error(self, x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Per-token latent error (B, L): mean squared error over D ("mse"), or the unsquared L2 norm ("l2")."""
+        if self.config.latent_loss == "l2":
+            return (x0_hat - x0).norm(dim=-1)
+        return (x0_hat - x0).pow(2).mean(-1)
 
     def _reward_losses(self, image_feats: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor, reward: CiderReward,
                        image_index: torch.Tensor) -> dict[str, torch.Tensor]:

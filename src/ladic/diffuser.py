@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ladic.config import LaDiCConfig
+from ladic.diffusion import make_betas
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -37,6 +38,15 @@ def init_weights(module: nn.Module, seed: int, params: tuple[nn.Parameter, ...])
             nn.init.zeros_(m.bias)
     for p in params:
         p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def input_scale(config: LaDiCConfig) -> torch.Tensor:
+    """(T,) factor applied to x_t before ``in_proj``: 1 / sqrt(ab_t + F^2 (1 - ab_t)) with ``input_scaling =
+    "unit_variance"`` (the standard deviation of x_t for unit-variance x0), ones with ``"none"``."""
+    ab = torch.cumprod(1.0 - make_betas(config.beta_schedule, config.num_train_timesteps), dim=0)
+    if config.input_scaling == "none":
+        return torch.ones(config.num_train_timesteps)
+    return (ab + config.noise_factor**2 * (1.0 - ab)).rsqrt().float()
 
 
 class Attention(nn.Module):
@@ -115,6 +125,9 @@ class Diffuser(nn.Module):
             self.length_emb = nn.Embedding(config.max_length + 1, d)  # index N; 0 = unknown
             self.length_head = nn.Linear(d, config.max_length + 1)
         init_weights(self, config.seed_for_init, (self.pos_emb, self.image_pos, self.null_image))
+        self.pos_emb.data.mul_(config.position_init_std / 0.02)  # (same random stream whatever the std)
+        # c_in(t) = 1 / sqrt(ab_t + F^2 (1 - ab_t)), (T,): Var(c_in x_t) = 1 at every t (not saved with the weights).
+        self.register_buffer("c_in", input_scale(config), persistent=False)
         if config.length_conditioning:
             nn.init.zeros_(self.length_emb.weight)  # a model initialised from one without it starts identical
 
@@ -154,6 +167,7 @@ class Diffuser(nn.Module):
     ) -> torch.Tensor:
         """x_t, self_cond: (B, L, D_txt); t: (B,) ints; image_kv from ``image_kv``. Returns x0_hat (B, L, D_txt)."""
         length = x_t.shape[1]
+        x_t = x_t * self.c_in[t].to(x_t.dtype)[:, None, None]
         h = self.in_proj(torch.cat([x_t, self_cond], dim=-1)) + self.pos_emb[:, :length]
         h = h + self.time_mlp(timestep_embedding(t, self.hidden_size))[:, None]
         if not self.cross:

@@ -28,6 +28,11 @@ def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float =
     return torch.linspace(beta_start * scale, beta_end * scale, num_timesteps, dtype=torch.float64)
 
 
+def make_betas(schedule: str, num_timesteps: int) -> torch.Tensor:
+    """The named beta schedule ("cosine" or "linear"), (T,) float64."""
+    return cosine_betas(num_timesteps) if schedule == "cosine" else linear_betas(num_timesteps)
+
+
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "few_step")
 
 
@@ -41,7 +46,7 @@ class GaussianDiffusion:
     ) -> None:
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"unknown timestep sampling {timestep_sampling!r}")
-        betas = cosine_betas(num_timesteps) if schedule == "cosine" else linear_betas(num_timesteps)
+        betas = make_betas(schedule, num_timesteps)
         self.num_timesteps = num_timesteps
         self.noise_factor = noise_factor
         self.timestep_sampling = timestep_sampling

@@ -75,7 +75,9 @@ class TextSpace(nn.Module):
         backbone: ``"minilm-l6"``, a transformers model name or a local folder with a BERT-like model.
         split_layer: number of layers in the encoder half; the rest form the decoder half.
         max_length: L, the padded caption length including [CLS] and [SEP].
-        reassign_special: set special-token latents to 0 (paper Eq. 1).
+        special_latent: what the latent of a special token ([CLS], [SEP], [PAD]) becomes: "zero" (paper Eq. 1; also
+            the centroid of the normalised word latents), "period" (the normalised latent of "." encoded alone, as
+            the authors' code does), or "none" (its own BERT latent).
         normalize: apply the per-dimension normalisation.
         decoder_num_layers: how many upper layers the decoder runs (None = all).
         output_vocab_size: V' > 0 restricts the LM head to V' word pieces (``set_output_vocab``); 0 = all V.
@@ -86,7 +88,7 @@ class TextSpace(nn.Module):
         backbone: str = MINILM,
         split_layer: int = 3,
         max_length: int = 24,
-        reassign_special: bool = True,
+        special_latent: str = "zero",
         normalize: bool = True,
         decoder_num_layers: int | None = None,
         output_vocab_size: int = 0,
@@ -107,7 +109,7 @@ class TextSpace(nn.Module):
         self.lm_head = LMHead(self.embeddings.word_embeddings, output_vocab_size)
         self.dim = bert.config.hidden_size
         self.max_length = max_length
-        self.reassign_special = reassign_special
+        self.special_latent = special_latent
         self.normalize = normalize
         self.special_ids = sorted({i for i in self.tokenizer.all_special_ids if i != self.tokenizer.unk_token_id})
         vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
@@ -119,6 +121,12 @@ class TextSpace(nn.Module):
         self.register_buffer("function_word", _vocab_mask(len(vocab), function), persistent=False)
         self.register_buffer("latent_mean", torch.zeros(self.dim))
         self.register_buffer("latent_std", torch.ones(self.dim))
+        period = torch.zeros(self.dim)
+        if special_latent == "period":  # the hidden state of "." in "[CLS] . [SEP]" (normalised when used)
+            ids = self.tokenizer(["."], return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                period = self.encode_hidden(ids, torch.ones_like(ids))[0, 1]
+        self.register_buffer("period_hidden", period, persistent=False)
 
     def train(self, mode: bool = True) -> "TextSpace":
         """Only the LM head trains; the frozen BERT halves always run in eval mode (no dropout)."""
@@ -179,8 +187,10 @@ class TextSpace(nn.Module):
     def regularize(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Paper Eq. 1: x~(i) = norm(x)(i) for i not in S, 0 for i in S. (B, L, D) -> (B, L, D)."""
         x = self.norm(hidden.float())
-        if self.reassign_special:
+        if self.special_latent == "zero":
             x = x.masked_fill(self.special_mask(input_ids)[..., None], 0.0)
+        elif self.special_latent == "period":
+            x = torch.where(self.special_mask(input_ids)[..., None], self.norm(self.period_hidden), x)
         return x
 
     def logits(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:

@@ -54,7 +54,8 @@ from ladic.bench.report import (
 from ladic.bench.session import Session
 from ladic.bench.session import Session as _Session  # the name tests/test_shipped_models.py imports
 from ladic.bench.text_stats import (
-    FUNCTION_WORDS, caption_stats, caption_vocabulary, caption_words, dangling_share, oov_share,
+    FUNCTION_WORDS, TrainingText, broken_pair_share, broken_pairs, caption_stats, caption_words, dangling_share,
+    oov_share, training_text,
 )
 from ladic.bench.timing import PHOTOS, example_photos, time_call
 
@@ -62,5 +63,6 @@ __all__ = [
     "SUBCOMMANDS", "ALL", "ABLATIONS", "Ablation", "LatencySystem", "QualityRow", "CaptionMemo", "bench_cli",
     "add_bench_arguments", "run_latency", "run_flops", "quality_rows", "quality_table", "lengths_table",
     "run_ablations", "run_meta", "bucket_of", "bucket_labels", "build_timing_models",
-    "FUNCTION_WORDS", "dangling_share", "oov_share", "caption_stats", "caption_vocabulary", "caption_words",
+    "FUNCTION_WORDS", "dangling_share", "oov_share", "caption_stats", "caption_words", "TrainingText",
+    "training_text", "broken_pairs", "broken_pair_share",
 ]

@@ -21,7 +21,7 @@ from ladic.bench.report import run_meta, write_outputs
 from ladic.bench.session import Session
 from ladic.bench.text_stats import stats_note
 
-SUBCOMMANDS = ("latency", "flops", "quality", "lengths", "ablations", "curves", "pareto", "infill")
+SUBCOMMANDS = ("latency", "flops", "quality", "lengths", "ablations", "curves", "pareto", "infill", "memorise")
 ALL = ("latency", "flops", "quality", "lengths")  # ``all``: everything except the ablations, which train
 
 
@@ -88,6 +88,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerank", default="", help="pareto: also the student's 1 step x k + AR rerank, for each k "
                                                 "of this list (e.g. 5,10; default none)")
     p.add_argument("--teacher-steps", default="5,30", help="pareto: the teacher's step counts")
+    p.add_argument("--mem-photos", type=int, default=32, help="memorise: photos (the first Flickr8k train captions)")
+    p.add_argument("--mem-steps", type=int, default=100, help="memorise: training steps (every photo in every batch)")
+    p.add_argument("--mem-preset", default="small", help="memorise: preset of the fresh models (noise factor 4)")
+    p.add_argument("--arms", default="", help="memorise: a JSON file {arm name: config overrides} "
+                                              "(default: issue 28's input-scaling / position-init separation)")
     p.add_argument("--progress", action="store_true", help="progress bars")
 
 
@@ -121,14 +126,14 @@ def _cmd_quality(args: argparse.Namespace, session: Session, out_dir: Path) -> l
     rows = quality_rows(args.grid, _ints(args.quality_steps), args.mbr, _floats(args.guidances), args.beams,
                         ar=models["ar"] is not None)
     table = quality_table(models, session.records(), rows, batch_size=args.caption_batch, bert_score=args.bert_score,
-                          memo=session.memo, progress=args.progress, train_words=session.train_words())
+                          memo=session.memo, progress=args.progress, train_text=session.train_text())
     notes = session.data_notes() + [
         "Scores x100 from `ladic.metrics.coco_metrics` (pycocoevalcap; CIDEr = CIDEr-D). "
         + ("BERT-Score: MiniLM (not the paper's roberta-large)." if args.bert_score else "BERT-Score off."),
         "Decode seconds: `ladic.evaluate.caption_split` (from cached image features, so image encoding is not "
         f"included), batch {args.caption_batch}, device {args.device}; seed 0. B&R = Back&Refine; MBR k draws k "
         "captions per image and keeps the minimum-Bayes-risk one; w = classifier-free guidance weight.",
-        stats_note(session.train_words() is not None),
+        stats_note(session.train_text() is not None),
     ]
     return write_quality(table, notes, out_dir, meta)
 
@@ -150,13 +155,13 @@ def _cmd_lengths(args: argparse.Namespace, session: Session, out_dir: Path) -> l
     meta = run_meta(vars(args))
     res = lengths_table(_lengths_systems(session, args.beams), session.records(), _ints(args.buckets),
                         batch_size=args.caption_batch, memo=session.memo, progress=args.progress,
-                        train_words=session.train_words())
+                        train_text=session.train_text())
     notes = session.data_notes() + [
         "Images are bucketed by the mean length (words, after the data set's caption cleaning) of their 5 "
         "references, rounded to the nearest integer. BLEU-4 is corpus BLEU-4 over each bucket "
         "(pycocoevalcap Bleu after the PTB tokenizer, as `coco_metrics`), x100.",
         "LaDiC uses the model's default sampling (steps, Back&Refine, guidance as in its config), seed 0.",
-        stats_note(session.train_words() is not None),
+        stats_note(session.train_text() is not None),
     ]
     return write_outputs(out_dir, "lengths", meta, {"notes": notes, **res},
                          lambda: lengths_markdown(res, notes, meta), lambda path: lengths_plot(res, path, meta))
@@ -222,7 +227,7 @@ def _cmd_pareto(args: argparse.Namespace, session: Session, out_dir: Path) -> li
         models["ar"] = session.ar()
         rows += ar_rows(args.beams)
     new = quality_table(models, session.records(), rows, batch_size=args.caption_batch, memo=session.memo,
-                        progress=args.progress, train_words=session.train_words())
+                        progress=args.progress, train_text=session.train_text())
     stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     for r in new:
         r["measured"] = stamp
@@ -235,7 +240,7 @@ def _cmd_pareto(args: argparse.Namespace, session: Session, out_dir: Path) -> li
         "separate runs (the measured column) ran on the same machine with the same thread count.",
         "Scores x100 (pycocoevalcap; CIDEr = CIDEr-D). B&R = Back&Refine; MBR k keeps the minimum-Bayes-risk "
         "caption of k draws; the student samples without guidance, B&R or clamping.",
-        stats_note(session.train_words() is not None),
+        stats_note(session.train_text() is not None),
     ] + (["x k + AR rerank: k one-step draws at the k most likely lengths, of which the AR baseline's length-"
           "normalised log-likelihood (one teacher-forced pass over the k, timed) picks one (noisy parallel decoding)."]
          if any("rerank_with" in r["sampling"] for r in merged) else [])
@@ -265,8 +270,36 @@ def _cmd_infill(args: argparse.Namespace, session: Session, out_dir: Path) -> li
                          lambda: infill_markdown(rows, notes, meta))
 
 
+def _cmd_memorise(args: argparse.Namespace, session: Session, out_dir: Path) -> list[Path]:
+    import json
+
+    from ladic.bench.memorise import ARMS, memorisation_test, memorise_markdown
+    from ladic.config import preset
+
+    meta = run_meta(vars(args))
+    arms = json.loads(Path(args.arms).read_text()) if args.arms else ARMS
+    captions = [r.captions[0] for r in session.train_records()[: args.mem_photos]]
+    rows = []
+    for name, overrides in arms.items():
+        cfg = preset(args.mem_preset, **{"noise_factor": 4.0, **overrides})
+        r = memorisation_test(cfg, captions, steps=args.mem_steps, progress=args.progress)
+        rows.append({"arm": name, "overrides": overrides, "exact": {str(k): v for k, v in r.exact.items()},
+                     "restore": {str(k): v for k, v in r.restore.items()}, "losses": r.losses, "samples": r.samples,
+                     "seconds": r.seconds})
+        print(f"memorise: {name}: exact {r.exact}, restore {r.restore}", file=sys.stderr)
+    notes = [f"`ladic.bench.memorise.memorisation_test`: a fresh `{args.mem_preset}` LaDiC (noise factor 4, output "
+             f"vocabulary restricted to the captions' word pieces) trained on the first caption of the first "
+             f"{len(captions)} Flickr8k train photos, each photo a fixed random image-token "
+             f"tensor, all {len(captions)} in every batch, AdamW lr 8e-4, {args.mem_steps} steps, seed 0.",
+             "exact: share of photos whose sampled caption (seed 0, the model's default sampler: guidance 1, "
+             "Back&Refine at 5 steps) equals its training caption; restore: word-token accuracy of one conditional "
+             "denoiser call on x_t ~ q(x_t | x0), no self-conditioning."]
+    return write_outputs(out_dir, "memorise", meta, {"notes": notes, "rows": rows},
+                         lambda: memorise_markdown(rows, notes, meta))
+
+
 RUNNERS = {"infill": _cmd_infill, "pareto": _cmd_pareto, "latency": _cmd_latency, "flops": _cmd_flops, "quality": _cmd_quality, "lengths": _cmd_lengths,
-           "ablations": _cmd_ablations, "curves": _cmd_curves}
+           "ablations": _cmd_ablations, "curves": _cmd_curves, "memorise": _cmd_memorise}
 
 
 def bench_cli(args: argparse.Namespace) -> int:

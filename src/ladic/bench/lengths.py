@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ladic.bench.quality import CaptionMemo, require_java
 from ladic.bench.report import fmt_score, markdown_header, md_table, pyplot, save_figure
-from ladic.bench.text_stats import STATS_HEADERS, caption_stats, stats_cells
+from ladic.bench.text_stats import STATS_HEADERS, TrainingText, caption_stats, stats_cells
 
 DEFAULT_BUCKET_EDGES = (9, 11, 13)  # mean reference words: <=9, 10-11, 12-13, >=14
 
@@ -34,10 +34,10 @@ def bucket_of(mean_words: float, edges: Sequence[int]) -> int:
 def lengths_table(
     systems: Sequence[tuple[str, Any, dict[str, Any]]], records, edges: Sequence[int] = DEFAULT_BUCKET_EDGES, *,
     batch_size: int = 64, memo: CaptionMemo | None = None, progress: bool = False,
-    train_words: Set[str] | None = None, log: Callable[[str], None] = print,
+    train_text: TrainingText | None = None, log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Corpus BLEU-4 (pycocoevalcap, PTB-tokenized as ``coco_metrics``) per bucket of mean reference length,
-    and each system's ``caption_stats`` over all images (OOV against ``train_words``; None without them).
+    and each system's ``caption_stats`` over all images (OOV words and broken pairs against ``train_text``; None without it).
 
     ``systems``: (label, model, sampling). Returns {"buckets": [...], "rows": [{label, per bucket ...}]}."""
     from pycocoevalcap.bleu.bleu import Bleu
@@ -67,7 +67,7 @@ def lengths_table(
                         "mean_caption_words": sum(len(results[i].split()) for i in ids_b) / len(ids_b)})
         overall, _ = Bleu(4).compute_score(gts, res, verbose=0)
         rows.append({"label": label, "sampling": sampling, "decode_s": seconds, "overall_BLEU-4": float(overall[3]),
-                     **caption_stats(list(results.values()), train_words), "buckets": per})
+                     **caption_stats(list(results.values()), train_text), "buckets": per})
         log(f"lengths {label:30s} " + " ".join(f"{p['bucket']}:{fmt_score(p['BLEU-4'])}" for p in per))
     buckets = [{"bucket": name, "images": len(m),
                 "mean_reference_words": (sum(mean_len[i] for i in m) / len(m)) if m else None}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ladic.bench.report import fmt_score, markdown_header, md_table, pyplot, save_figure, write_outputs
-from ladic.bench.text_stats import STATS_HEADERS, caption_stats, stats_cells
+from ladic.bench.text_stats import STATS_HEADERS, TrainingText, caption_stats, stats_cells
 
 QUALITY_METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -87,11 +87,11 @@ def require_java() -> None:
 
 def quality_table(
     models: dict[str, Any], records, rows: Sequence[QualityRow], *, batch_size: int = 64, bert_score: bool = False,
-    memo: CaptionMemo | None = None, progress: bool = False, train_words: Set[str] | None = None,
+    memo: CaptionMemo | None = None, progress: bool = False, train_text: TrainingText | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Caption ``records`` with every row's model/sampling (``caption_split``: cached image features) and score
-    each with ``coco_metrics`` and ``caption_stats`` (OOV against ``train_words``; None without them).
+    each with ``coco_metrics`` and ``caption_stats`` (OOV words and broken pairs against ``train_text``; None without it).
     ``models``: {"ladic": LaDiC, "ar": ARCaptioner or None}; rows of a missing model are skipped."""
     from ladic.metrics import coco_metrics
 
@@ -108,7 +108,7 @@ def quality_table(
         scores = {m: res.scores.get(m) for m in QUALITY_METRICS + (("BERT-Score",) if bert_score else ())}
         out.append({"name": row.name, "model": row.model, "sampling": row.sampling, "images": len(records),
                     "scores": scores, "decode_s": seconds, "ms_per_image": 1e3 * seconds / max(len(records), 1),
-                    **caption_stats(list(results.values()), train_words),
+                    **caption_stats(list(results.values()), train_text),
                     "examples": [results[r.image_id] for r in records[:3]]})
         log(f"quality {row.name:45s} " + " ".join(f"{m}={fmt_score(v)}" for m, v in scores.items())
             + f" decode {seconds:.2f} s")

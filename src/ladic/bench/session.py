@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ladic.bench.quality import CaptionMemo
-from ladic.bench.text_stats import caption_vocabulary
+from ladic.bench.text_stats import TrainingText, training_text
 
 
 class Session:
@@ -17,8 +17,8 @@ class Session:
         self.memo = CaptionMemo()
         self._models: dict[str, Any] = {}
         self._records = None
-        self._train_words: frozenset[str] | None = None
-        self._train_words_loaded = False
+        self._train_text: TrainingText | None = None
+        self._train_text_loaded = False
 
     def _ladic_at(self, key: str, path, option: str):
         if key not in self._models:
@@ -86,9 +86,10 @@ class Session:
 
         return load_flickr8k("train")
 
-    def train_words(self) -> frozenset[str] | None:
-        """Words of the Flickr8k train references (for OOV words %), loaded once; None when Flickr8k is absent."""
-        if not self._train_words_loaded:
+    def train_text(self) -> TrainingText | None:
+        """Word counts and pairs of the Flickr8k train references (for OOV words % and broken pair %), loaded once;
+        None when Flickr8k is absent."""
+        if not self._train_text_loaded:
             from ladic.data.captions import load_flickr8k
 
             try:
@@ -96,9 +97,9 @@ class Session:
             except FileNotFoundError:
                 records = None
             if records is not None:
-                self._train_words = caption_vocabulary(c for r in records for c in r.captions)
-            self._train_words_loaded = True
-        return self._train_words
+                self._train_text = training_text(c for r in records for c in r.captions)
+            self._train_text_loaded = True
+        return self._train_text
 
     def data_notes(self) -> list[str]:
         a = self.args

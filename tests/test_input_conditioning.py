@@ -1,0 +1,90 @@
+"""Issue 28's diffuser input conditioning, its training options, and loading folders saved before them."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from ladic import LaDiC, preset
+from ladic.captioner import default_model_path, full_model_path
+from ladic.config import LaDiCConfig
+from ladic.diffuser import input_scale
+
+
+def test_input_scale_makes_x_t_unit_variance():
+    cfg = preset("tiny", noise_factor=4.0)
+    c_in = input_scale(cfg)
+    assert c_in.shape == (1000,)
+    assert c_in[0] == pytest.approx(1.0, abs=1e-3) and c_in[-1] == pytest.approx(0.25, abs=1e-3)
+    model = LaDiC(cfg)
+    x0 = torch.randn(4000, 1, 8)  # unit-variance latents
+    for t in (0, 500, 999):
+        tt = torch.full((4000,), t)
+        x_t = model.diffusion.q_sample(x0, tt, torch.randn_like(x0))
+        assert float((x_t * c_in[t]).std()) == pytest.approx(1.0, rel=0.05)
+    assert torch.equal(input_scale(cfg.replace(input_scaling="none")), torch.ones(1000))
+    with pytest.raises(ValueError, match="input_scaling"):
+        cfg.replace(input_scaling="edm")
+
+
+def test_position_embedding_init_std():
+    new, old = LaDiC(preset("tiny")), LaDiC(preset("tiny", position_init_std=0.02))
+    assert float(new.diffuser.pos_emb.detach().std()) == pytest.approx(0.5, rel=0.05)
+    assert torch.allclose(new.diffuser.pos_emb * 0.04, old.diffuser.pos_emb)  # the same draw, scaled
+    assert torch.equal(new.diffuser.image_pos, old.diffuser.image_pos)
+
+
+def test_the_scale_is_applied_to_x_t_only():
+    """With input_scaling "none" and x_t pre-multiplied by c_in the diffuser gives the same output."""
+    torch.manual_seed(0)
+    scaled = LaDiC(preset("tiny", noise_factor=4.0)).eval()
+    plain = LaDiC(preset("tiny", noise_factor=4.0, input_scaling="none")).eval()
+    plain.diffuser.load_state_dict(scaled.diffuser.state_dict())
+    x, sc = torch.randn(2, 12, scaled.text.dim) * 4, torch.randn(2, 12, scaled.text.dim)
+    t = torch.tensor([999, 10])
+    kv = scaled.diffuser.image_kv(scaled.diffuser.null_context(2))
+    c = scaled.diffuser.c_in[t][:, None, None]
+    assert torch.allclose(scaled.diffuser(x, t, sc, kv), plain.diffuser(x * c, t, sc, kv), atol=1e-5)
+
+
+def test_new_configs_default_to_the_fix_old_folders_load_as_trained():
+    assert LaDiCConfig().input_scaling == "unit_variance" and LaDiCConfig().position_init_std == 0.5
+    for path in (default_model_path(), full_model_path()):
+        saved = json.loads((path / "config.json").read_text())["config"]
+        assert "input_scaling" not in saved  # written before issue 28
+        cfg = LaDiCConfig.from_dict(saved)
+        assert cfg.input_scaling == "none" and cfg.position_init_std == 0.02
+    assert LaDiCConfig.from_dict({"input_scaling": "unit_variance"}).input_scaling == "unit_variance"
+
+
+def test_save_and_load_keep_the_input_conditioning(tmp_path):
+    for scaling in ("unit_variance", "none"):
+        model = LaDiC(preset("tiny", input_scaling=scaling))
+        model.save_pretrained(tmp_path / scaling)
+        loaded = LaDiC.from_pretrained(tmp_path / scaling)
+        assert loaded.config.input_scaling == scaling
+        assert torch.equal(loaded.diffuser.c_in, model.diffuser.c_in)
+
+
+def test_latent_loss_l2_is_the_unsquared_token_norm():
+    torch.manual_seed(0)
+    mse, l2 = LaDiC(preset("tiny")), LaDiC(preset("tiny", latent_loss="l2"))
+    x0, err = torch.randn(3, 12, mse.text.dim), torch.randn(3, 12, mse.text.dim)
+    assert torch.allclose(mse._latent_error(x0 + err, x0), err.pow(2).mean(-1))
+    assert torch.allclose(l2._latent_error(x0 + err, x0), err.norm(dim=-1))
+    assert float(l2._latent_error(x0 + err, x0).mean()) == pytest.approx(math.sqrt(mse.text.dim), rel=0.1)
+    with pytest.raises(ValueError, match="latent_loss"):
+        preset("tiny", latent_loss="l1")
+
+
+def test_special_tokens_can_take_the_period_latent():
+    zero, period = LaDiC(preset("tiny")), LaDiC(preset("tiny", special_token_latent="period"))
+    x_zero, ids = zero.encode_captions(["a dog runs"])
+    x_period, _ = period.encode_captions(["a dog runs"])
+    special = zero.text.special_mask(ids)[0]
+    assert torch.equal(x_zero[0, ~special], x_period[0, ~special])
+    assert x_zero[0, special].abs().max() == 0
+    dot, _ = period.encode_captions(["."])
+    assert torch.allclose(x_period[0, special], dot[0, 1].expand(int(special.sum()), -1), atol=1e-5)
+    assert float(x_period[0, special].norm(dim=-1).min()) > 1
