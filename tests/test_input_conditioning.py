@@ -88,3 +88,55 @@ def test_special_tokens_can_take_the_period_latent():
     dot, _ = period.encode_captions(["."])
     assert torch.allclose(x_period[0, special], dot[0, 1].expand(int(special.sum()), -1), atol=1e-5)
     assert float(x_period[0, special].norm(dim=-1).min()) > 1
+
+
+def test_conditional_self_conditioning_feeds_the_unguided_estimate():
+    from ladic.diffusion import GaussianDiffusion
+    from ladic.sampling import ddim_sample_loop
+
+    seen = []
+
+    def denoise(x, t, sc):
+        seen.append(sc.clone())
+        return torch.full_like(x, 2.0), torch.full_like(x, 3.0)  # (guided, conditional)
+
+    res = ddim_sample_loop(denoise, GaussianDiffusion(noise_factor=4.0), (1, 4, 2), num_inference_steps=3)
+    assert torch.equal(res.x0, torch.full((1, 4, 2), 2.0))
+    assert seen[0].abs().max() == 0 and all(torch.equal(sc, torch.full((1, 4, 2), 3.0)) for sc in seen[1:])
+
+
+def test_guided_denoiser_returns_the_conditional_branch_on_request():
+    from ladic.sampling import guided_denoiser
+
+    torch.manual_seed(0)
+    model = LaDiC(preset("tiny")).eval()
+    ctx = model.diffuser.image_context(torch.randn(2, model.image_encoder.num_tokens, model.image_encoder.dim))
+    x, sc, t = torch.randn(2, 12, model.text.dim), torch.zeros(2, 12, model.text.dim), torch.tensor([999, 999])
+    with torch.no_grad():
+        guided, cond = guided_denoiser(model.diffuser, ctx, 1.0, "conditional")(x, t, sc)
+        assert torch.allclose(guided, guided_denoiser(model.diffuser, ctx, 1.0)(x, t, sc), atol=1e-5)
+        assert torch.allclose(cond, guided_denoiser(model.diffuser, ctx, 0.0)(x, t, sc), atol=1e-5)
+
+
+def test_clamping_encodes_like_training_with_pad_masked():
+    model = LaDiC(preset("tiny"))
+    x0, _ = model.encode_captions(["a dog runs on the grass"])
+    logits_ids = model.text.token_ids(model.text.logits(x0).argmax(-1))
+    masked = model.text.latents_from_ids(logits_ids, (logits_ids != model.text.tokenizer.pad_token_id).long())
+    assert torch.allclose(model._clamp(x0), masked)
+    model.config = model.config.replace(clamp_mask_pad=False)
+    assert torch.allclose(model._clamp(x0), model.text.latents_from_ids(logits_ids, torch.ones_like(logits_ids)))
+
+
+def test_sampling_noise_factor_and_eval_overrides():
+    from ladic.evaluate import parse_sampling_overrides
+
+    model = LaDiC(preset("tiny", noise_factor=4.0))
+    assert model._sampling_diffusion() is model.diffusion
+    model.config = model.config.replace(sampling_noise_factor=1.0)
+    assert model._sampling_diffusion().noise_factor == 1.0
+    assert parse_sampling_overrides(["clamp=false", "self_cond_source=conditional", "sampling_noise_factor=1"]) == {
+        "clamp": False, "self_cond_source": "conditional", "sampling_noise_factor": 1}
+    for bad, match in (("hidden_size=8", "not a sampling setting"), ("clamp", "KEY=VALUE")):
+        with pytest.raises(ValueError, match=match):
+            parse_sampling_overrides([bad])

@@ -227,9 +227,11 @@ class LaDiC(Captioner):
         return self.text.logits(x0).softmax(-1).amax(-1)
 
     def _clamp(self, x0: torch.Tensor) -> torch.Tensor:
-        """Snap a latent estimate to the regularised latents of its argmax tokens (all positions attended)."""
+        """Snap a latent estimate to the regularised latents of its argmax tokens ([PAD] masked from attention with
+        ``clamp_mask_pad``, as training latents are encoded; all positions attended without)."""
         ids = self.text.token_ids(self.text.logits(x0).argmax(-1))
-        return self.text.latents_from_ids(ids, torch.ones_like(ids))
+        mask = (ids != self.text.tokenizer.pad_token_id) if self.config.clamp_mask_pad else torch.ones_like(ids)
+        return self.text.latents_from_ids(ids, mask.long())
 
     def _decode_ids(self, x0: torch.Tensor, free: torch.Tensor | None = None, given_ids: torch.Tensor | None = None,
                     no_dangling_end: bool = False, no_repeat: bool = False) -> torch.Tensor:
@@ -429,7 +431,8 @@ class LaDiC(Captioner):
                                                       collapse_repeats=collapse))
             generators = [g for key in keys[start : start + batch_size] for g in [photo_generator(run_seed, key)] * k]
             res: SampleResult = ddim_sample_loop(
-                guided_denoiser(self.diffuser, ctx, w), self.diffusion, (b, cfg.max_length, self.text.dim),
+                guided_denoiser(self.diffuser, ctx, w, cfg.self_cond_source), self._sampling_diffusion(),
+                (b, cfg.max_length, self.text.dim),
                 num_inference_steps=steps, generator=generators, device=self.device,
                 fixed_x0=x_fixed, fixed_mask=fixed, given_self_cond=cfg.infill_self_cond_prob > 0,
                 back_and_refine=bnr, refine_time=cfg.refine_time,
@@ -455,6 +458,13 @@ class LaDiC(Captioner):
                 if items is not None:
                     items.insert(i, None)
         return out
+
+    def _sampling_diffusion(self) -> GaussianDiffusion:
+        """The process the sampler steps: the training one, or one with ``sampling_noise_factor``."""
+        f = self.config.sampling_noise_factor
+        if f == 0 or f == self.diffusion.noise_factor:
+            return self.diffusion
+        return GaussianDiffusion(self.config.num_train_timesteps, self.config.beta_schedule, f)
 
     def caption(self, images: Sequence[ImageInput] | ImageInput, **kwargs) -> list[str]:
         """Caption one image or a list of images.

@@ -10,7 +10,10 @@ from typing import Any
 MINILM = "minilm-l6"
 INPUT_SCALINGS = ("unit_variance", "none")
 # What a saved config.json that lacks a key was trained with (the key was added later with another default).
-LEGACY_DEFAULTS: dict[str, Any] = {"input_scaling": "none", "position_init_std": 0.02}
+LEGACY_DEFAULTS: dict[str, Any] = {"input_scaling": "none", "position_init_std": 0.02, "clamp_mask_pad": False}
+# Settings that change how a trained model samples, not its weights: ``ladic eval --set`` may override them.
+SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "back_and_refine", "refine_time", "refine_keep", "refine_noise",
+                 "clamp", "clamp_mask_pad", "self_cond_source", "sampling_noise_factor", "no_dangling_end", "mbr_lengths")
 
 
 @dataclass
@@ -88,6 +91,14 @@ class LaDiCConfig:
     # positions, so that the caption is a function of x_T alone (what trajectory distillation needs).
     refine_noise: str = "fresh"
     clamp: bool = False  # Diffusion-LM clamping of intermediate estimates (not in the paper)
+    # Clamping re-encodes the decoded ids with [PAD] masked from attention, as training latents are encoded (before
+    # issue 28 every position was attended: False, what old folders keep).
+    clamp_mask_pad: bool = True
+    # The self-conditioning input of the next sampler call: the "guided" estimate (1 + w) f(x, v) - w f(x, emptyset),
+    # or the "conditional" one f(x, v), which is what training feeds (it never sees a guided estimate).
+    self_cond_source: str = "guided"
+    # F of the sampler's x_T and DDIM updates; 0 = the training noise factor. The authors train with 4 and sample with 1.
+    sampling_noise_factor: float = 0.0
     # Length-controlled decoding (a predicted, asked or template length): the word right before [SEP] is never a
     # function word, so a caption cannot end "... standing on a" (see ``LaDiC._decode_ids``).
     no_dangling_end: bool = True
@@ -123,6 +134,10 @@ class LaDiCConfig:
             raise ValueError("refine_time and refine_keep must lie strictly between 0 and 1")
         if self.mbr_lengths not in ("top", "predicted"):
             raise ValueError(f"unknown mbr_lengths {self.mbr_lengths!r}; use 'top' or 'predicted'")
+        if self.self_cond_source not in ("guided", "conditional"):
+            raise ValueError(f"unknown self_cond_source {self.self_cond_source!r}; use 'guided' or 'conditional'")
+        if self.sampling_noise_factor < 0:
+            raise ValueError("sampling_noise_factor must be >= 0 (0 = the training noise factor)")
         if self.latent_loss not in ("mse", "l2"):
             raise ValueError(f"unknown latent_loss {self.latent_loss!r}; use 'mse' or 'l2'")
         if self.input_scaling not in INPUT_SCALINGS:

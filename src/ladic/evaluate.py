@@ -125,14 +125,18 @@ def infill_accuracy(model, feats, kind: str, batch_size: int = 64, **sampling: A
 
 def evaluate_model(
     model_path: str | None, split: str = "val", limit: int | None = None, references: str | None = None,
-    image_root: str | None = None, sampling: dict[str, Any] | None = None, **metric_kw: Any,
+    image_root: str | None = None, sampling: dict[str, Any] | None = None,
+    config_overrides: dict[str, Any] | None = None, **metric_kw: Any,
 ) -> tuple[MetricsResult, dict[str, str]]:
-    """Caption a split of Flickr8k (default) or of a Karpathy/BLIP JSON and score it."""
+    """Caption a split of Flickr8k (default) or of a Karpathy/BLIP JSON and score it. ``config_overrides``
+    replace sampling settings of the model's config (``ladic.config.SAMPLING_KEYS``)."""
     from ladic.data.captions import load_flickr8k, load_karpathy
     from ladic.models import load_model
 
     sampling = dict(sampling or {})
     model = load_model(model_path)
+    if config_overrides:
+        model.config = model.config.replace(**config_overrides)
     if references is None:
         records = load_flickr8k(split)
     else:
@@ -144,16 +148,38 @@ def evaluate_model(
     refs = {r.image_id: r.captions for r in records}
     images = {r.image_id: r.image_path for r in records}
     res = coco_metrics(results, refs, images=images, **metric_kw)
-    desc = ", ".join(f"{k}={v}" for k, v in sampling.items() if v is not None)
+    desc = ", ".join(f"{k}={v}" for k, v in {**sampling, **(config_overrides or {})}.items() if v is not None)
     res.settings += (f"; model={model_path or 'shipped default'} ({type(model).__name__}); split={split}; "
                      f"images={len(records)}; sampling: {desc or 'model defaults'}; decode_s={seconds:.1f}")
     return res, results
+
+
+def parse_sampling_overrides(items: list[str]) -> dict[str, Any]:
+    """``["clamp=false", "self_cond_source=conditional"]`` -> {key: value} (values as JSON where they parse);
+    ValueError for a malformed item or a key that is not a sampling setting."""
+    from ladic.config import SAMPLING_KEYS
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r} is not KEY=VALUE")
+        if key not in SAMPLING_KEYS:
+            raise ValueError(f"--set {key}: not a sampling setting; use one of {', '.join(SAMPLING_KEYS)}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def evaluate_cli(args: argparse.Namespace) -> int:
     metric_kw = dict(spice_dir=args.spice_dir, clip_model=args.clip_model,
                      bert_score_model=None if args.no_bert_score else "minilm")
     try:
+        overrides = parse_sampling_overrides(getattr(args, "set", None) or [])
+        if overrides and args.results:
+            raise ValueError("--set changes how a model samples; it does not apply to --results")
         if args.results:
             results = load_results_json(args.results)
             if args.references:
@@ -171,7 +197,7 @@ def evaluate_cli(args: argparse.Namespace) -> int:
             if args.rerank:
                 sampling["rerank_with"] = args.rerank_model
             res, results = evaluate_model(args.model, args.split, args.limit, args.references, args.image_root,
-                                          sampling, **metric_kw)
+                                          sampling, overrides, **metric_kw)
             if args.save_results:
                 Path(args.save_results).write_text(json.dumps([{"image_id": k, "caption": v} for k, v in results.items()], indent=1))
     except (FileNotFoundError, ValueError, RuntimeError) as e:
