@@ -353,11 +353,13 @@ def test_pareto_rows_front_and_merge(tmp_path):
     from ladic.bench import pareto
 
     names = [r.name for r in pareto.student_rows((1, 2), mbr=5)]
-    assert names == ["student 1 step", "student 1 step + MBR 5", "student 2 steps", "student 2 steps + MBR 5"]
+    assert names == ["student 1 step", "student 1 step + MBR 5", "student 2 steps", "student 2 steps + MBR 5",
+                     "student 1 step, no end rule"]
+    assert pareto.student_rows((1, 2), mbr=5)[-1].sampling == {**pareto.student_sampling(1), "no_dangling_end": False}
     assert all(r.sampling["guidance_scale"] == 0.0 and not r.sampling["clamp"] for r in pareto.student_rows())
     rerank = pareto.student_rows((1,), mbr=1, rerank=(5,), ar_path="ar-folder")
-    assert [r.name for r in rerank] == ["student 1 step", "student 1 step x 5 + AR rerank"]
-    assert rerank[1].sampling == {**pareto.student_sampling(1), "mbr_candidates": 5, "mbr_lengths": "top",
+    assert [r.name for r in rerank] == ["student 1 step", "student 1 step, no end rule", "student 1 step x 5 + AR rerank"]
+    assert rerank[2].sampling == {**pareto.student_sampling(1), "mbr_candidates": 5, "mbr_lengths": "top",
                                   "rerank_with": "ar-folder"}
     teacher = pareto.teacher_rows((5, 30))
     assert len(teacher) == 8 and {(r.sampling["back_and_refine"], r.sampling["clamp"]) for r in teacher} == {

@@ -140,3 +140,23 @@ def test_sampling_noise_factor_and_eval_overrides():
     for bad, match in (("hidden_size=8", "not a sampling setting"), ("clamp", "KEY=VALUE")):
         with pytest.raises(ValueError, match=match):
             parse_sampling_overrides([bad])
+
+
+def test_commit_rounds_commit_the_surest_words_and_keep_the_length():
+    torch.manual_seed(0)
+    model = LaDiC(preset("tiny", length_conditioning=True, commit_rounds=3)).eval()
+    feats = torch.randn(2, model.image_encoder.num_tokens, model.image_encoder.dim)
+    one = model.generate(feats, length=6, seed=0, num_inference_steps=1, back_and_refine=False)
+    model.config = model.config.replace(commit_rounds=1)
+    base = model.generate(feats, length=6, seed=0, num_inference_steps=1, back_and_refine=False)
+    assert one.num_evaluations == 3 * base.num_evaluations
+    assert all(len(model.text.tokenizer.tokenize(c)) == 6 for c in one.captions)
+    x0 = torch.randn(2, 12, model.text.dim)
+    fixed, x_fixed, given = model.length_template(2, 6)
+    free = ~fixed
+    f1, x1, g1 = model._commit(x0, free, fixed, x_fixed, given, 1 / 3, False, True)
+    assert ((f1 & free).sum(1) == 2).all() and ((g1 >= 0) == f1).all()
+    conf = model._confidence(x0).masked_fill(fixed, float("-inf"))
+    assert torch.equal((f1 & free), conf >= conf.topk(2, dim=1).values[:, -1:])
+    f2, _, _ = model._commit(x0, free, f1, x1, g1, 2 / 3, False, True)
+    assert ((f2 & free).sum(1) == 4).all() and (f2 >= f1).all()

@@ -13,7 +13,8 @@ INPUT_SCALINGS = ("unit_variance", "none")
 LEGACY_DEFAULTS: dict[str, Any] = {"input_scaling": "none", "position_init_std": 0.02, "clamp_mask_pad": False}
 # Settings that change how a trained model samples, not its weights: ``ladic eval --set`` may override them.
 SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "back_and_refine", "refine_time", "refine_keep", "refine_noise",
-                 "clamp", "clamp_mask_pad", "self_cond_source", "sampling_noise_factor", "no_dangling_end", "mbr_lengths")
+                 "clamp", "clamp_mask_pad", "self_cond_source", "sampling_noise_factor", "commit_rounds", "no_dangling_end",
+                 "mbr_lengths")
 
 
 @dataclass
@@ -99,6 +100,10 @@ class LaDiCConfig:
     self_cond_source: str = "guided"
     # F of the sampler's x_T and DDIM updates; 0 = the training noise factor. The authors train with 4 and sample with 1.
     sampling_noise_factor: float = 0.0
+    # Mask-predict rounds (not in the paper): with a length (predicted, asked or a template's), after each full
+    # sampler pass the most confident free words are committed as given words (a share r / R after round r) and
+    # the rest is sampled again; R rounds cost R times the network evaluations. 1 = one pass.
+    commit_rounds: int = 1
     # Length-controlled decoding (a predicted, asked or template length): the word right before [SEP] is never a
     # function word, so a caption cannot end "... standing on a" (see ``LaDiC._decode_ids``).
     no_dangling_end: bool = True
@@ -136,6 +141,8 @@ class LaDiCConfig:
             raise ValueError(f"unknown mbr_lengths {self.mbr_lengths!r}; use 'top' or 'predicted'")
         if self.self_cond_source not in ("guided", "conditional"):
             raise ValueError(f"unknown self_cond_source {self.self_cond_source!r}; use 'guided' or 'conditional'")
+        if self.commit_rounds < 1:
+            raise ValueError("commit_rounds must be >= 1")
         if self.sampling_noise_factor < 0:
             raise ValueError("sampling_noise_factor must be >= 0 (0 = the training noise factor)")
         if self.latent_loss not in ("mse", "l2"):

@@ -32,11 +32,14 @@ def student_sampling(steps: int) -> dict[str, Any]:
 
 def student_rows(steps: Sequence[int] = (1, 2), mbr: int = 5, rerank: Sequence[int] = (),
                  ar_path: str = "shipped") -> list[QualityRow]:
-    """The student's own sampler at each step count, +/- MBR; at one step also each of ``rerank``'s k: k draws
-    at the k most likely lengths, the one the AR (``ar_path``) scores highest returned (``rerank_with``)."""
+    """The student's own sampler at each step count, +/- MBR, and at its first step count without the
+    ``no_dangling_end`` rule (what the model learnt, not what the rule forces); at one step also each of
+    ``rerank``'s k: k draws at the k most likely lengths, the one the AR (``ar_path``) scores highest returned."""
     rows = [QualityRow(student_name(s) + (f" + MBR {k}" if k > 1 else ""), "student",
                        {**student_sampling(s), "mbr_candidates": k})
             for s in steps for k in ((1, mbr) if mbr > 1 else (1,))]
+    rows += [QualityRow(f"{student_name(s)}, no end rule", "student", {**student_sampling(s), "no_dangling_end": False})
+             for s in steps[:1]]
     return rows + [QualityRow(f"{student_name(1)} x {k} + AR rerank", "student",
                               {**student_sampling(1), "mbr_candidates": k, "mbr_lengths": "top", "rerank_with": ar_path})
                    for k in rerank]
