@@ -154,6 +154,19 @@ def evaluate_model(
     return res, results
 
 
+def caption_statistics(captions: list[str]) -> dict[str, float | None]:
+    """Dangling endings, broken word pairs and OOV words of ``captions`` (``ladic.bench.text_stats``), against the
+    Flickr8k train captions (broken pairs and OOV words None where Flickr8k is not found)."""
+    from ladic.bench.text_stats import caption_stats, training_text
+    from ladic.data.captions import load_flickr8k
+
+    try:
+        train = training_text(c for r in load_flickr8k("train") for c in r.captions)
+    except FileNotFoundError:
+        train = None
+    return caption_stats(captions, train)
+
+
 def parse_sampling_overrides(items: list[str]) -> dict[str, Any]:
     """``["clamp=false", "self_cond_source=conditional"]`` -> {key: value} (values as JSON where they parse);
     ValueError for a malformed item or a key that is not a sampling setting."""
@@ -205,6 +218,7 @@ def evaluate_cli(args: argparse.Namespace) -> int:
         return 2
     out = res.to_json()
     out.pop("per_image", None)
+    out["caption_stats"] = caption_statistics(list(results.values()))
     text = json.dumps(out, indent=1)
     print(text)
     if args.out:
