@@ -160,3 +160,18 @@ def test_commit_rounds_commit_the_surest_words_and_keep_the_length():
     assert torch.equal((f1 & free), conf >= conf.topk(2, dim=1).values[:, -1:])
     f2, _, _ = model._commit(x0, free, f1, x1, g1, 2 / 3, False, True)
     assert ((f2 & free).sum(1) == 4).all() and (f2 >= f1).all()
+
+
+def test_runs_inherit_the_input_conditioning_of_their_init_from_folder(tmp_path):
+    from ladic.train import TrainConfig, checkpoint_model_config, model_config
+
+    assert model_config(TrainConfig(preset="tiny")).input_scaling == "unit_variance"
+    tc = TrainConfig(preset="tiny", init_from=str(full_model_path()))  # saved before issue 28
+    assert model_config(tc).input_scaling == "none"
+    tc.model = {"input_scaling": "unit_variance"}
+    assert model_config(tc).input_scaling == "unit_variance"
+    # A training checkpoint without model_config.json was written before issue 28.
+    old = checkpoint_model_config(tmp_path, TrainConfig(preset="tiny"))
+    assert old.input_scaling == "none" and old.clamp_mask_pad is False
+    (tmp_path / "model_config.json").write_text(json.dumps(preset("tiny", hidden_size=64, num_heads=2).to_dict()))
+    assert checkpoint_model_config(tmp_path, TrainConfig(preset="tiny")).hidden_size == 64

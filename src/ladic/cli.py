@@ -270,9 +270,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from safetensors.torch import load_file
 
     from ladic.checkpoint import CONFIG_NAME
-    from ladic.config import preset
     from ladic.models import load_model, model_class
-    from ladic.train import TrainConfig
+    from ladic.train import TrainConfig, checkpoint_model_config
 
     _quiet_transformers()
     src = Path(args.checkpoint)
@@ -280,7 +279,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         model, what = load_model(src), "weights"
     else:
         tc = TrainConfig(**json.loads((src / "train_config.json").read_text()))
-        model = model_class(tc.model_type)(preset(tc.preset, **tc.model))
+        model = model_class(tc.model_type)(checkpoint_model_config(src, tc).replace(output_vocab_size=0))
         stats = json.loads((src / "latent_stats.json").read_text())
         model.text.latent_mean.copy_(torch.tensor(stats["mean"]))
         model.text.latent_std.copy_(torch.tensor(stats["std"]))

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ladic.captioner import LaDiC
-from ladic.config import preset
+from ladic.config import LEGACY_DEFAULTS, LaDiCConfig, preset
 from ladic.data.distill import with_teacher_noise
 from ladic.data.features import FeatureSet, build_features, build_image_features
 from ladic.photo_seed import tensor_key
@@ -139,6 +139,34 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training options: {', '.join(unknown)}")
         return cls(**d)
+
+
+# ---------------------------------------------------------------------------- model config
+# Settings a model inherits from its ``init_from`` folder unless the run sets them: its weights were trained with them.
+INHERITED = ("input_scaling", "special_token_latent")
+
+
+def model_config(tc: TrainConfig, legacy: bool = False) -> LaDiCConfig:
+    """The model config of a run: the preset, then what the ``init_from`` folder was trained with (``INHERITED``),
+    then the run's ``model`` overrides. ``legacy``: for a checkpoint written before issue 28 (no model_config.json),
+    whose settings missing from ``model`` are ``LEGACY_DEFAULTS``."""
+    base: dict[str, Any] = dict(LEGACY_DEFAULTS) if legacy else {}
+    if tc.init_from:
+        from ladic.checkpoint import CONFIG_NAME
+
+        meta = json.loads((Path(tc.init_from) / CONFIG_NAME).read_text())
+        folder = LaDiCConfig.from_dict(meta["config"])
+        base.update({k: getattr(folder, k) for k in INHERITED})
+    return preset(tc.preset, **{**base, **tc.model})
+
+
+def checkpoint_model_config(ckpt: Path, tc: TrainConfig) -> LaDiCConfig:
+    """The model config a training checkpoint was written with (``model_config.json``; for a checkpoint written
+    before issue 28, the run's config with ``LEGACY_DEFAULTS``)."""
+    path = ckpt / "model_config.json"
+    if path.is_file():
+        return LaDiCConfig.from_dict(json.loads(path.read_text()))
+    return model_config(tc, legacy=True)
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -282,6 +310,7 @@ def save_checkpoint(path: Path, model: LaDiC, ema: dict[str, torch.Tensor], opt,
     save_file({k: v.cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step}, tmp / "trainer_state.pt")
     (tmp / "train_config.json").write_text(json.dumps(asdict(tc), indent=1))
+    (tmp / "model_config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
     (tmp / "latent_stats.json").write_text(json.dumps({"mean": model.text.latent_mean.tolist(), "std": model.text.latent_std.tolist()}))
     old = path.with_name(path.name + ".old")
     if path.exists():
@@ -334,7 +363,12 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
     torch.manual_seed(tc.seed)
     from ladic.models import model_class
 
-    model = model_class(tc.model_type)(preset(tc.preset, **tc.model)).to(device)
+    model = model_class(tc.model_type)(model_config(tc)).to(device)
+    if resume and (ckpt / "weights.safetensors").is_file():
+        saved = checkpoint_model_config(ckpt, tc).input_scaling
+        if saved != model.config.input_scaling:
+            raise ValueError(f"{ckpt} was trained with input_scaling={saved!r}, this run's config says "
+                             f"{model.config.input_scaling!r}; resume it with --set model.input_scaling={saved}")
     train_set, val_set, val_images = load_datasets(tc, model, progress)
     if len(train_set) < tc.batch_size:
         raise ValueError(f"batch_size {tc.batch_size} is larger than the training set ({len(train_set)} captions)")
