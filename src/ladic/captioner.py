@@ -366,8 +366,12 @@ class LaDiC(Captioner):
         if errors not in ("raise", "skip"):
             raise ValueError("errors must be 'raise' or 'skip'")
         cfg = self.config
-        steps = num_inference_steps or cfg.num_inference_steps
+        steps = cfg.num_inference_steps if num_inference_steps is None else num_inference_steps
         w = cfg.guidance_scale if guidance_scale is None else guidance_scale
+        if not 1 <= steps <= cfg.num_train_timesteps:
+            raise ValueError(f"num_inference_steps must be in 1..{cfg.num_train_timesteps}, got {steps}")
+        if w < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (0 turns guidance off), got {w}")
         bnr = cfg.back_and_refine if back_and_refine is None else back_and_refine
         no_dangling = cfg.no_dangling_end if no_dangling_end is None else no_dangling_end
         if mbr_candidates < 1:

@@ -18,10 +18,51 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def _load_model(path: str | None, device: str):
+class UsageError(ValueError):
+    """A bad option value: one ``error:`` line, exit code 2."""
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Ranges of the sampling and collection options that need no model (before anything loads)."""
+    checks = [("steps", 1, "denoising iterations"), ("mbr", 1, "candidates"), ("batch_size", 1, "images per batch"),
+              ("workers", 0, "decoding processes"), ("length", 1, "word pieces"), ("limit", 1, "images")]
+    for name, low, what in checks:
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {low} ({what}), got {value}")
+    guidance = getattr(args, "guidance", None)
+    if guidance is not None and guidance < 0:
+        raise UsageError(f"--guidance must be >= 0 (0 turns guidance off), got {guidance}")
+    device = getattr(args, "device", None)
+    if device is not None and device != "cpu":
+        import torch
+
+        try:
+            kind = torch.device(device).type
+        except RuntimeError as e:
+            raise UsageError(f"--device {device}: not a device ({' '.join(str(e).split())[:80]})") from e
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: this torch build has no CUDA device available; use --device cpu")
+
+
+def _check_against_model(args: argparse.Namespace, model) -> None:
+    """The options whose range depends on the loaded model's config."""
+    cfg = model.config
+    length = getattr(args, "length", None)
+    if length is not None and hasattr(model, "diffuser") and length > cfg.max_length - 2:
+        raise UsageError(f"--length must be at most {cfg.max_length - 2} word pieces for this model, got {length}")
+    steps = getattr(args, "steps", None)
+    if steps is not None and hasattr(model, "diffuser") and steps > cfg.num_train_timesteps:
+        raise UsageError(f"--steps must be at most {cfg.num_train_timesteps} for this model, got {steps}")
+
+
+def _load_model(path: str | None, device: str, args: argparse.Namespace | None = None):
     from ladic.models import load_model
 
-    return load_model(path, device=device)
+    model = load_model(path, device=device)
+    if args is not None:
+        _check_against_model(args, model)
+    return model
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -186,7 +227,7 @@ def _caption_collection(args: argparse.Namespace, photos: list, errors: list[str
     show = procs.world == 1
     if todo:
         _quiet_transformers()
-        model = _load_model(args.model, _device(args, procs))
+        model = _load_model(args.model, _device(args, procs), args)
         config = CollectionConfig(batch_size=args.batch_size, num_workers=args.workers, draft=args.draft)
         bar = tqdm(total=len(todo), unit="photo", desc="captioning", dynamic_ncols=True,
                    disable=True if procs.rank else None if args.progress is None else not args.progress)
@@ -232,7 +273,7 @@ def cmd_infill(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     _quiet_transformers()
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args)
     try:
         out = model.generate([image], template=args.template, **_sampling_kwargs(args))
     except ValueError as e:
@@ -428,14 +469,16 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = str(default_model_path() if shipped == ["fast"] else full_model_path())
     try:
+        _check_options(args)
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        # A bad model folder: one line, no traceback. Checked via sys.modules so the CLI never imports torch here.
-        captioner = sys.modules.get("ladic.captioner")
-        if captioner is not None and isinstance(e, captioner.CheckpointError):
+        # A bad option or model folder: one line, no traceback. Checked via sys.modules so the CLI never imports
+        # torch here.
+        checkpoint = sys.modules.get("ladic.checkpoint")
+        if isinstance(e, UsageError) or (checkpoint is not None and isinstance(e, checkpoint.CheckpointError)):
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             return 2
         raise
