@@ -117,7 +117,7 @@ def _example_images() -> list[tuple[str, object]]:
 
 def _collect_photos(args: argparse.Namespace, show_notes: bool) -> tuple[list, list[str]]:
     """The photos to caption (input order, each file once) and the paths that failed to list."""
-    from ladic.collection import Photo
+    from ladic.collection import Photo, unique_image_ids
     from ladic.image_io import iter_image_files
 
     photos: dict[str, Photo] = {}
@@ -133,7 +133,7 @@ def _collect_photos(args: argparse.Namespace, show_notes: bool) -> tuple[list, l
                 print(f"note: {e}", file=sys.stderr)
         for f in files:
             photos.setdefault(str(f), Photo.from_path(f))
-    return list(photos.values()), errors
+    return unique_image_ids(list(photos.values())), errors
 
 
 class _Processes:
@@ -188,6 +188,18 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.resume and not args.out:
         print("error: --resume needs --out", file=sys.stderr)
         return 2
+    if args.resume and args.overwrite:
+        print("error: --resume continues a results file and --overwrite replaces it; give one", file=sys.stderr)
+        return 2
+    if args.out:
+        from ladic.results_file import ResultsFileError, check_settings
+
+        try:
+            if not args.overwrite:
+                check_settings(Path(args.out), _run_settings(args), args.resume)
+        except ResultsFileError as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
     photos, errors = _collect_photos(args, show_notes=procs.rank == 0)
     if not photos and not errors:
         print("error: no images given (pass files or folders, or --examples)", file=sys.stderr)
@@ -197,6 +209,18 @@ def cmd_caption(args: argparse.Namespace) -> int:
         return _caption_collection(args, photos, errors if procs.rank == 0 else [], procs)
     finally:
         procs.stop()
+
+
+def _run_settings(args: argparse.Namespace) -> dict:
+    """The model and every option that changes a caption, as recorded beside a results file."""
+    from ladic.captioner import default_model_path
+
+    model = args.model or str(default_model_path())
+    if Path(model).exists():
+        model = str(Path(model).resolve())
+    return {"model": model, "steps": args.steps, "guidance": args.guidance, "back_and_refine": args.back_and_refine,
+            "mbr": args.mbr, "mbr_lengths": args.mbr_lengths, "seed": args.seed, "clamp": args.clamp,
+            "length": args.length, "rerank": args.rerank_model if args.rerank else None}
 
 
 def _caption_collection(args: argparse.Namespace, photos: list, errors: list[str], procs: _Processes) -> int:
@@ -220,6 +244,10 @@ def _caption_collection(args: argparse.Namespace, photos: list, errors: list[str
     procs.barrier()  # every process has read what is done before any writes
     if store:
         store.open(args.resume)
+        if procs.rank == 0:
+            from ladic.results_file import write_settings
+
+            write_settings(Path(args.out), _run_settings(args))
     mine = shard(photos, procs.rank, procs.world)
     todo = [p for p in mine if p.file not in done]
     counts = {"captioned": 0, "failed": 0}
@@ -377,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results file: .jsonl (one JSON object per photo, written batch by batch) "
                    "or .json (COCO results [{image_id, file, caption}])")
     p.add_argument("--resume", action="store_true", help="skip the photos already in --out (after a crash or kill)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (refused without this or --resume)")
     p.add_argument("--workers", type=int, default=None,
                    help="decoding processes (default: one per available core, at most 4; 0 decodes in-process)")
     p.add_argument("--draft", action=argparse.BooleanOptionalAction, default=True,

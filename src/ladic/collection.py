@@ -40,6 +40,26 @@ class Photo:
         return cls(image_id=Path(path).stem, file=os.fsdecode(path), source=path)
 
 
+def unique_image_ids(photos: Sequence[Photo]) -> list[Photo]:
+    """``photos`` with unique ``image_id``s: a file stem shared by several files becomes the file's path relative to
+    the folder the colliding files share, without its suffix ("a/x", "b/x"; with the suffix where that still
+    collides: "x.jpg", "x.png"). Photos that do not collide keep their stem."""
+    by_id: dict[str, list[int]] = {}
+    for i, p in enumerate(photos):
+        by_id.setdefault(p.image_id, []).append(i)
+    out = list(photos)
+    for idx in (ix for ix in by_id.values() if len(ix) > 1):
+        paths = [Path(os.path.abspath(photos[i].file)) for i in idx]
+        root = Path(os.path.commonpath([str(q.parent) for q in paths]))
+        rel = [q.relative_to(root) for q in paths]
+        names = [r.with_suffix("").as_posix() for r in rel]
+        if len(set(names)) < len(names):
+            names = [r.as_posix() for r in rel]
+        for i, name in zip(idx, names):
+            out[i] = Photo(name, photos[i].file, photos[i].source)
+    return out
+
+
 @dataclass
 class PhotoResult:
     """The outcome for one photo: a caption, or ``error`` (the one-line ``'<file>: <reason>'``)."""

@@ -76,8 +76,19 @@ def java_available() -> tuple[bool, str]:
 
 
 def load_results_json(path: str | os.PathLike) -> dict[str, str]:
-    """Read COCO results ``[{"image_id", "caption", ...}]`` into ``{str(image_id): caption}``."""
-    data = _read_json(path)
+    """Read COCO results ``[{"image_id", "caption", ...}]``, or the JSONL that ``ladic caption --out x.jsonl``
+    writes (one such object per line), into ``{str(image_id): caption}``."""
+    if str(path).lower().endswith(".jsonl"):
+        from ladic.results_file import ResultsFileError, read_jsonl
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such results file")
+        try:
+            data = read_jsonl(Path(path))[0]
+        except ResultsFileError as e:
+            raise ValueError(str(e)) from e
+    else:
+        data = _read_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of {{'image_id', 'caption'}} objects (COCO results format), "
                          f"got {type(data).__name__}")

@@ -87,6 +87,47 @@ def merge_records(sources: Iterable[Iterable[dict]], order: Mapping[str, int]) -
     return sorted(seen.values(), key=lambda r: order.get(r["file"], -1))
 
 
+def settings_path(out: Path) -> Path:
+    """The sidecar that records the model and the caption-changing settings of the run that wrote ``out``."""
+    return out.with_name(f"{out.name}.settings.json")
+
+
+def has_results(out: Path) -> bool:
+    """Whether ``out`` or a working file of an earlier run holds anything."""
+    return (out.is_file() and out.stat().st_size > 0) or any(out.parent.glob(out.name + PART_GLOB))
+
+
+def check_settings(out: Path, settings: Mapping, resume: bool) -> None:
+    """Before a run writes ``out``: refuse to replace existing results unless ``resume`` (the caller handles an
+    explicit overwrite by not calling this), and refuse to resume results written with other ``settings``."""
+    if not resume:
+        if has_results(out):
+            raise ResultsFileError(f"{out} already holds results; --resume continues it, --overwrite replaces it")
+        return
+    sidecar = settings_path(out)
+    if not sidecar.is_file():
+        return  # written before settings were recorded, or nothing yet
+    try:
+        saved = json.loads(sidecar.read_text())
+    except ValueError as e:
+        raise ResultsFileError(f"{sidecar}: not readable ({e})") from e
+    differ = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+    if differ:
+        was = ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
+        now = ", ".join(f"{k}={settings.get(k)!r}" for k in differ)
+        raise ResultsFileError(f"{out} was written with {was}; this run has {now}; not mixing two settings in one "
+                               "file (use another --out, or --overwrite)")
+
+
+def write_settings(out: Path, settings: Mapping) -> None:
+    """Record ``settings`` beside ``out`` (atomically)."""
+    path = settings_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(dict(settings), indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
 def part_path(out: Path, rank: int, world: int) -> Path:
     """The working file of process ``rank`` of ``world`` for the output ``out``."""
     return out.with_name(f"{out.name}.part-{rank}-of-{world}.jsonl")
@@ -161,5 +202,5 @@ class ResultsStore:
 
 
 __all__ = [
-    "ResultsFileError", "ResultsStore", "read_jsonl", "read_records", "write_atomic", "merge_records", "part_path",
+    "settings_path", "has_results", "check_settings", "write_settings", "ResultsFileError", "ResultsStore", "read_jsonl", "read_records", "write_atomic", "merge_records", "part_path",
 ]
