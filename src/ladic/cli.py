@@ -26,7 +26,7 @@ def _check_options(args: argparse.Namespace) -> None:
     """Ranges of the sampling and collection options that need no model (before anything loads)."""
     checks = [("steps", 1, "denoising iterations"), ("mbr", 1, "candidates"), ("batch_size", 1, "images per batch"),
               ("workers", 0, "decoding processes"), ("length", 1, "word pieces"), ("limit", 1, "images")]
-    for name, low, what in checks:
+    for name, low, what in checks if args.command in ("caption", "infill", "eval") else ():
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {low} ({what}), got {value}")
