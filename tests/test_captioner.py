@@ -205,3 +205,17 @@ def test_no_dangling_end_puts_a_content_word_before_sep(tiny_model, scenes, monk
     images = [s.image for s in scenes]
     for n in (3, 4, 6):
         assert not any(map(ends_on_function_word, m.caption(images, length=n, seed=0, num_inference_steps=2)))
+
+
+def test_an_infill_blank_is_never_punctuation(tiny_model):
+    x0 = torch.randn(1, tiny_model.config.max_length, tiny_model.text.dim)
+    fixed, _, given = tiny_model.infill_template("a dog on a ___")
+    logits = tiny_model._free_logits(x0, ~fixed, given, words_only=True)
+    punct = tiny_model.text.to_output_space(tiny_model.text.punctuation)
+    assert punct.sum() > 10 and torch.isinf(logits[:, punct]).all()
+    ids = tiny_model.text.tokenizer.convert_tokens_to_ids([",", ".", "?", "!"])
+    assert tiny_model.text.punctuation[ids].all() and not tiny_model.text.punctuation[
+        tiny_model.text.tokenizer.convert_tokens_to_ids(["dog", "2"])].any()
+    for cap in tiny_model.generate(x0.new_zeros(3, tiny_model.image_encoder.num_tokens, tiny_model.image_encoder.dim)
+                                   + torch.randn(3, 1, 1), template="a dog on a ___", seed=0).captions:
+        assert cap.startswith("a dog on a ") and cap.split()[-1].isalnum(), cap

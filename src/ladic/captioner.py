@@ -234,17 +234,18 @@ class LaDiC(Captioner):
         return self.text.latents_from_ids(ids, mask.long())
 
     def _decode_ids(self, x0: torch.Tensor, free: torch.Tensor | None = None, given_ids: torch.Tensor | None = None,
-                    no_dangling_end: bool = False, no_repeat: bool = False) -> torch.Tensor:
+                    no_dangling_end: bool = False, no_repeat: bool = False, words_only: bool = False) -> torch.Tensor:
         """Latent (B, L, D) -> ids (B, L). ``free`` positions take whole words only, never the word given right
         before or after them (a blank that repeats its neighbour would vanish when repeats collapse); given ids
         are forced. ``no_dangling_end``: a free position right before a given [SEP] takes no function word.
         ``no_repeat``: a free position never repeats the word decoded right before it (left to right), so a
-        caption asked for N word pieces keeps N when repeats collapse."""
+        caption asked for N word pieces keeps N when repeats collapse. ``words_only``: free positions take no
+        punctuation either (an infill blank is one word)."""
         if free is None or given_ids is None:
             ids = self.text.token_ids(self.text.logits(x0).argmax(-1))
             return ids if given_ids is None else torch.where(given_ids >= 0, given_ids, ids)
         ids = given_ids.clone()
-        logits = self._free_logits(x0, free, given_ids, no_dangling_end)
+        logits = self._free_logits(x0, free, given_ids, no_dangling_end, words_only)
         if not no_repeat:
             ids[free] = self.text.token_ids(logits.argmax(-1))
             return ids
@@ -256,11 +257,12 @@ class LaDiC(Captioner):
         return ids
 
     def _free_logits(self, x0: torch.Tensor, free: torch.Tensor, given_ids: torch.Tensor,
-                     no_dangling_end: bool = False) -> torch.Tensor:
+                     no_dangling_end: bool = False, words_only: bool = False) -> torch.Tensor:
         """The decoder's logits (N_free, V') at the ``free`` positions (B, L) of x0 (B, L, D), with every word
         ``_decode_ids`` may not choose there set to -inf."""
         # Only the free positions need a word, so the LM head runs there alone: (N_free, V') logits, not (B, L, V').
-        logits = self.text.logits(x0, free).masked_fill_(self.text.to_output_space(self.text.not_a_word), float("-inf"))
+        banned = self.text.not_a_word | self.text.punctuation if words_only else self.text.not_a_word
+        logits = self.text.logits(x0, free).masked_fill_(self.text.to_output_space(banned), float("-inf"))
         if no_dangling_end:
             # A one-step estimate of an uncertain final noun averages over the candidates and decodes to the
             # nearest frequent word, "a" or "the" ("... standing on a"); the best content word there reads better.
@@ -407,6 +409,7 @@ class LaDiC(Captioner):
         # blank's word, even one that repeats the word before it. Other captions collapse repeated words.
         exact = length is not None
         collapse = template is None and not exact
+        blanks = template is not None and not exact  # infill: a blank is one word, never punctuation
         infill = None
         if template is not None and length is None:  # (n, L) fixed, (n, L, D) latents, (n, L) given ids
             templates = [template] * n if isinstance(template, str) else [t for i, t in enumerate(template) if i not in out.errors]
@@ -431,14 +434,15 @@ class LaDiC(Captioner):
             callback = None
             if return_trajectory:
                 def callback(i: int, t: int, x0: torch.Tensor) -> None:
-                    traj.append(self.text.ids_to_text(self._decode_ids(x0, free, given, no_dangling, exact),
+                    traj.append(self.text.ids_to_text(self._decode_ids(x0, free, given, no_dangling, exact, blanks),
                                                       collapse_repeats=collapse))
             generators = [g for key in keys[start : start + batch_size] for g in [photo_generator(run_seed, key)] * k]
             denoise = guided_denoiser(self.diffuser, ctx, w, cfg.self_cond_source)
             rounds = cfg.commit_rounds if free is not None else 1
             for r in range(rounds):
                 if r > 0:  # commit the surest free slots as given words, sample the rest again
-                    fixed, x_fixed, given = self._commit(res.x0, free, fixed, x_fixed, given, r / rounds, no_dangling, exact)
+                    fixed, x_fixed, given = self._commit(res.x0, free, fixed, x_fixed, given, r / rounds, no_dangling,
+                                                         exact, blanks)
                 res: SampleResult = ddim_sample_loop(
                     denoise, self._sampling_diffusion(), (b, cfg.max_length, self.text.dim),
                     num_inference_steps=steps, generator=generators, device=self.device,
@@ -450,7 +454,7 @@ class LaDiC(Captioner):
                     progress=progress and n <= batch_size,
                 )
                 out.num_evaluations += res.num_evaluations
-            texts = self.text.ids_to_text(self._decode_ids(res.x0, free, given, no_dangling, exact),
+            texts = self.text.ids_to_text(self._decode_ids(res.x0, free, given, no_dangling, exact, blanks),
                                           collapse_repeats=collapse)
             scores = None if rerank_with is None or k == 1 else rerank_with.score_captions(image_feats, texts).view(-1, k)
             for j in range(0, b, k):
@@ -468,12 +472,12 @@ class LaDiC(Captioner):
         return out
 
     def _commit(self, x0: torch.Tensor, free: torch.Tensor, fixed: torch.Tensor, x_fixed: torch.Tensor,
-                given: torch.Tensor, share: float, no_dangling_end: bool, no_repeat: bool
+                given: torch.Tensor, share: float, no_dangling_end: bool, no_repeat: bool, words_only: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mask-predict's commit (Ghazvininejad et al. 2019) between sampler rounds: of the originally ``free``
         positions (B, L), the most confident decoded words of x0 (B, L, D) become given until ``share`` of them
         are; their latents are re-encoded in the decoded sentence. Returns the new (fixed, x_fixed, given)."""
-        ids = self._decode_ids(x0, ~fixed, given, no_dangling_end, no_repeat)
+        ids = self._decode_ids(x0, ~fixed, given, no_dangling_end, no_repeat, words_only)
         conf = self._confidence(x0).masked_fill(fixed, float("-inf"))
         wanted = (free.sum(1) * share).round().long() - (free & fixed).sum(1)  # (B,) more to commit
         rank = conf.argsort(1, descending=True).argsort(1)

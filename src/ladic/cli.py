@@ -307,8 +307,9 @@ def cmd_infill(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for cap in out.candidates or out.captions[:1]:
-        print(cap)
+    print(out.captions[0])
+    for i, cap in enumerate(out.candidates[0] if out.candidates else [], start=1):
+        print(f"  candidate {i}: {cap}")
     return 0
 
 
@@ -392,7 +393,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ladic import __version__
+
     ap = argparse.ArgumentParser(prog="ladic", description="LaDiC: latent diffusion image captioning")
+    ap.add_argument("--version", action="version", version=f"ladic {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("caption", help="caption image files or folders")
@@ -465,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "sampler settings the quality grid varies)")
     p.add_argument("--ar-model", default="shipped",
                    help="AR baseline folder (default: the shipped baseline; 'none' skips the AR rows)")
-    p.add_argument("--out-dir", default="docs/bench")
+    p.add_argument("--out-dir", default="ladic-bench",
+                   help="where the tables, JSON and plots go (default ./ladic-bench; the committed tables are under "
+                        "docs/bench/<name>, named explicitly in docs/BENCHMARKS.md)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per setting (median reported)")
     p.add_argument("--limit", type=int, default=None, help="quality/lengths/ablations: first N images of the split")
     p.add_argument("--device", default="cpu")

@@ -31,6 +31,19 @@ def resolve_text_backbone(name: str) -> str:
     return name
 
 
+def _load_quietly(path: str):
+    """The backbone, without transformers' per-load "Loading weights" progress bar (the user's setting is restored)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return AutoModel.from_pretrained(path, attn_implementation="eager")
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, L) 0/1 mask -> (B, 1, 1, L) additive mask for running BERT layers one by one."""
     return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
@@ -96,7 +109,7 @@ class TextSpace(nn.Module):
         super().__init__()
         path = resolve_text_backbone(backbone)
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
-        bert = AutoModel.from_pretrained(path, attn_implementation="eager")
+        bert = _load_quietly(path)
         layers = bert.encoder.layer
         if not 0 < split_layer < len(layers):
             raise ValueError(f"split_layer must be in 1..{len(layers) - 1} for a {len(layers)}-layer backbone")
@@ -116,6 +129,9 @@ class TextSpace(nn.Module):
         banned = [i for i, w in enumerate(vocab) if w.startswith("##") or i in self.special_ids]
         # Tokens a free position (an infill blank, a length-controlled slot) must not take: specials and "##" pieces.
         self.register_buffer("not_a_word", _vocab_mask(len(vocab), banned), persistent=False)
+        # Word pieces without a letter or digit (",", ".", "?"): an infill blank is one word, never punctuation.
+        punctuation = [i for i, w in enumerate(vocab) if not any(c.isalnum() for c in w)]
+        self.register_buffer("punctuation", _vocab_mask(len(vocab), punctuation), persistent=False)
         # Articles, prepositions, conjunctions, possessives: a caption that ends on one is cut off ("... on a").
         function = [self.tokenizer.convert_tokens_to_ids(w) for w in sorted(FUNCTION_WORDS)]
         self.register_buffer("function_word", _vocab_mask(len(vocab), function), persistent=False)
