@@ -316,3 +316,25 @@ def test_distill_pool_adds_another_captioners_beams_to_the_selection(tmp_path, m
         load_datasets(TrainConfig.load(None, opts), student, progress=False)
     with pytest.raises(ValueError, match="num_beams >= 2"):
         teacher_captions(tmp_path / "ar", ["a"], images[:1], num_beams=1, candidates=True)
+
+
+def test_a_checkpoint_from_before_issue_28_resumes_and_exports_unscaled(tmp_path):
+    """A training checkpoint without model_config.json (written before input_scaling existed) is resumed only
+    with the unscaled input it was trained with, and exported as such."""
+    from ladic.models import load_model
+
+    tc = TrainConfig.load(None, COMMON + [f"out_dir={tmp_path}", "max_steps=2", "save_every=2"])
+    train(tc)
+    ckpt = tmp_path / "checkpoint"
+    assert json.loads((ckpt / "model_config.json").read_text())["input_scaling"] == "unit_variance"
+    (ckpt / "model_config.json").unlink()  # as an older checkpoint
+    more = TrainConfig.load(None, COMMON + [f"out_dir={tmp_path}", "max_steps=3"])
+    with pytest.raises(ValueError, match="--set model.input_scaling=none"):
+        train(more, resume=True)
+    out = tmp_path / "exported"
+    r = subprocess.run([sys.executable, "-m", "ladic.cli", "export", str(ckpt), str(out)], env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert load_model(out).config.input_scaling == "none"
+    more.model["input_scaling"] = "none"
+    train(more, resume=True)  # resumes: the weights were trained unscaled
