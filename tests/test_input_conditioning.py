@@ -49,12 +49,15 @@ def test_the_scale_is_applied_to_x_t_only():
 
 
 def test_new_configs_default_to_the_fix_old_folders_load_as_trained():
-    assert LaDiCConfig().input_scaling == "unit_variance" and LaDiCConfig().position_init_std == 0.5
+    new = LaDiCConfig()
+    assert new.input_scaling == "unit_variance" and new.position_init_std == 0.5
+    assert new.sampling_noise_factor == 1.0 and new.clamp and new.clamp_mask_pad
     for path in (default_model_path(), full_model_path()):
         saved = json.loads((path / "config.json").read_text())["config"]
         assert "input_scaling" not in saved  # written before issue 28
         cfg = LaDiCConfig.from_dict(saved)
         assert cfg.input_scaling == "none" and cfg.position_init_std == 0.02
+        assert cfg.sampling_noise_factor == 0.0 and not cfg.clamp_mask_pad and cfg.clamp == saved["clamp"]
     assert LaDiCConfig.from_dict({"input_scaling": "unit_variance"}).input_scaling == "unit_variance"
 
 
@@ -131,7 +134,7 @@ def test_clamping_encodes_like_training_with_pad_masked():
 def test_sampling_noise_factor_and_eval_overrides():
     from ladic.evaluate import parse_sampling_overrides
 
-    model = LaDiC(preset("tiny", noise_factor=4.0))
+    model = LaDiC(preset("tiny", noise_factor=4.0, sampling_noise_factor=0.0))
     assert model._sampling_diffusion() is model.diffusion
     model.config = model.config.replace(sampling_noise_factor=1.0)
     assert model._sampling_diffusion().noise_factor == 1.0
