@@ -155,11 +155,11 @@ class LaDiC(Captioner):
             glanced, self_cond = self._glance(x_t, t, self_cond, kv, x0, ids, draws["u_glance"].to(device))
             keep = ~glanced
             x0_hat = self.diffuser(x_t, t, self_cond, kv)
-            latent = self._latent_error(x0_hat, x0)[keep].mean()
+            latent = (x0_hat - x0).pow(2).mean(-1)[keep].mean()
             caption = F.cross_entropy(self.text.logits(x0_hat, keep), target[keep])
         else:
             x0_hat = self.diffuser(x_t, t, self_cond, kv)
-            latent = self._latent_error(x0_hat, x0).mean()
+            latent = F.mse_loss(x0_hat, x0)
             caption = F.cross_entropy(self.text.logits(x0_hat).flatten(0, 1), target.flatten())
         out = {"loss": latent + cfg.caption_loss_weight * caption, "latent": latent.detach(), "caption": caption.detach()}
         if length_loss is not None:
@@ -172,12 +172,6 @@ class LaDiC(Captioner):
             out["loss"] = reward.supervised * out["loss"] + reward.weight * out["policy"]
             out["policy"] = out["policy"].detach()
         return out
-
-    def _latent_error(self, x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """Per-token latent error (B, L): mean squared error over D ("mse"), or the unsquared L2 norm ("l2")."""
-        if self.config.latent_loss == "l2":
-            return (x0_hat - x0).norm(dim=-1)
-        return (x0_hat - x0).pow(2).mean(-1)
 
     def _reward_losses(self, image_feats: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor, reward: CiderReward,
                        image_index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -437,23 +431,17 @@ class LaDiC(Captioner):
                     traj.append(self.text.ids_to_text(self._decode_ids(x0, free, given, no_dangling, exact, blanks),
                                                       collapse_repeats=collapse))
             generators = [g for key in keys[start : start + batch_size] for g in [photo_generator(run_seed, key)] * k]
-            denoise = guided_denoiser(self.diffuser, ctx, w, cfg.self_cond_source)
-            rounds = cfg.commit_rounds if free is not None else 1
-            for r in range(rounds):
-                if r > 0:  # commit the surest free slots as given words, sample the rest again
-                    fixed, x_fixed, given = self._commit(res.x0, free, fixed, x_fixed, given, r / rounds, no_dangling,
-                                                         exact, blanks)
-                res: SampleResult = ddim_sample_loop(
-                    denoise, self._sampling_diffusion(), (b, cfg.max_length, self.text.dim),
-                    num_inference_steps=steps, generator=generators, device=self.device,
-                    fixed_x0=x_fixed, fixed_mask=fixed, given_self_cond=cfg.infill_self_cond_prob > 0,
-                    back_and_refine=bnr, refine_time=cfg.refine_time,
-                    refine_keep=cfg.refine_keep, refine_noise=refine_noise or cfg.refine_noise,
-                    confidence_fn=self._confidence, callback=callback,
-                    clamp_fn=self._clamp if (cfg.clamp if clamp is None else clamp) else None,
-                    progress=progress and n <= batch_size,
-                )
-                out.num_evaluations += res.num_evaluations
+            res: SampleResult = ddim_sample_loop(
+                guided_denoiser(self.diffuser, ctx, w), self._sampling_diffusion(), (b, cfg.max_length, self.text.dim),
+                num_inference_steps=steps, generator=generators, device=self.device,
+                fixed_x0=x_fixed, fixed_mask=fixed, given_self_cond=cfg.infill_self_cond_prob > 0,
+                back_and_refine=bnr, refine_time=cfg.refine_time,
+                refine_keep=cfg.refine_keep, refine_noise=refine_noise or cfg.refine_noise,
+                confidence_fn=self._confidence, callback=callback,
+                clamp_fn=self._clamp if (cfg.clamp if clamp is None else clamp) else None,
+                progress=progress and n <= batch_size,
+            )
+            out.num_evaluations += res.num_evaluations
             texts = self.text.ids_to_text(self._decode_ids(res.x0, free, given, no_dangling, exact, blanks),
                                           collapse_repeats=collapse)
             scores = None if rerank_with is None or k == 1 else rerank_with.score_captions(image_feats, texts).view(-1, k)
@@ -470,20 +458,6 @@ class LaDiC(Captioner):
                 if items is not None:
                     items.insert(i, None)
         return out
-
-    def _commit(self, x0: torch.Tensor, free: torch.Tensor, fixed: torch.Tensor, x_fixed: torch.Tensor,
-                given: torch.Tensor, share: float, no_dangling_end: bool, no_repeat: bool, words_only: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mask-predict's commit (Ghazvininejad et al. 2019) between sampler rounds: of the originally ``free``
-        positions (B, L), the most confident decoded words of x0 (B, L, D) become given until ``share`` of them
-        are; their latents are re-encoded in the decoded sentence. Returns the new (fixed, x_fixed, given)."""
-        ids = self._decode_ids(x0, ~fixed, given, no_dangling_end, no_repeat, words_only)
-        conf = self._confidence(x0).masked_fill(fixed, float("-inf"))
-        wanted = (free.sum(1) * share).round().long() - (free & fixed).sum(1)  # (B,) more to commit
-        rank = conf.argsort(1, descending=True).argsort(1)
-        chosen = (rank < wanted[:, None]) & ~fixed
-        latents = self.text.latents_from_ids(ids, (ids != self.text.tokenizer.pad_token_id).long())
-        return fixed | chosen, torch.where(chosen[..., None], latents, x_fixed), torch.where(chosen, ids, given)
 
     def _sampling_diffusion(self) -> GaussianDiffusion:
         """The process the sampler steps: the training one, or one with ``sampling_noise_factor``."""

@@ -49,7 +49,7 @@ class Captioner(nn.Module):
         self.config = config
         self.text = TextSpace(
             config.text_backbone, config.split_layer, config.max_length,
-            special_latent=config.special_token_latent, normalize=config.normalize_latents,
+            reassign_special=config.special_token_latent == "zero", normalize=config.normalize_latents,
             decoder_num_layers=config.decoder_num_layers, output_vocab_size=config.output_vocab_size,
         )
         self.image_encoder = image_encoder or build_image_encoder(config.image_encoder)

@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-results", help="write the generated captions (COCO results JSON)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a sampling setting of the model's config, e.g. clamp_mask_pad=false, "
-                        "self_cond_source=conditional, sampling_noise_factor=1 (repeatable)")
+                        "sampling_noise_factor=1, refine_keep=0.3 (repeatable)")
     _add_sampling(p)
     p.set_defaults(func=cmd_eval)
 

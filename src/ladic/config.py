@@ -14,8 +14,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {"input_scaling": "none", "position_init_std":
                                    "sampling_noise_factor": 0.0}
 # Settings that change how a trained model samples, not its weights: ``ladic eval --set`` may override them.
 SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "back_and_refine", "refine_time", "refine_keep", "refine_noise",
-                 "clamp", "clamp_mask_pad", "self_cond_source", "sampling_noise_factor", "commit_rounds", "no_dangling_end",
-                 "mbr_lengths")
+                 "clamp", "clamp_mask_pad", "sampling_noise_factor", "no_dangling_end", "mbr_lengths")
 
 
 @dataclass
@@ -49,9 +48,6 @@ class LaDiCConfig:
     student_steps: int = 1
     student_timestep_prob: float = 0.5
     caption_loss_weight: float = 0.2  # lambda
-    # The latent term of the loss: "mse" (squared error, mean over tokens and dimensions) or "l2" (paper Eq. 2 and
-    # the authors' code: the unsquared L2 norm of each token's error, mean over tokens).
-    latent_loss: str = "mse"
     self_condition_prob: float = 0.5
     # Not in the paper: with this probability a training example's self-conditioning input is the true latent at a
     # random part of its positions (zero elsewhere), and the sampler then passes given words (infilling, length
@@ -76,9 +72,7 @@ class LaDiCConfig:
     length_drop_prob: float = 0.1
     length_loss_weight: float = 0.1
     normalize_latents: bool = True  # per-dimension mean/std normalisation (ablation switch)
-    # paper Eq. 1: "zero"; "period": the latent of "." (the authors' code; not the centroid of the word latents, which
-    # zero is, so an uncertain slot is not pulled towards padding); "none" keeps the BERT latents (ablation)
-    special_token_latent: str = "zero"
+    special_token_latent: str = "zero"  # paper Eq. 1: "zero"; "none" keeps the BERT latents (ablation)
     decoder_num_layers: int | None = None  # None = all upper layers (paper); 0 = the authors' loop bug (LM head on the latent)
     # V' > 0: the LM head scores only V' word pieces (those of the training captions; stored with the weights).
     # Set by ``Captioner.restrict_output_vocab`` / ``ladic train`` with ``restrict_vocab``; 0 = all word pieces.
@@ -98,16 +92,9 @@ class LaDiCConfig:
     # Clamping re-encodes the decoded ids with [PAD] masked from attention, as training latents are encoded (before
     # issue 28 every position was attended: False, what old folders keep).
     clamp_mask_pad: bool = True
-    # The self-conditioning input of the next sampler call: the "guided" estimate (1 + w) f(x, v) - w f(x, emptyset),
-    # or the "conditional" one f(x, v), which is what training feeds (it never sees a guided estimate).
-    self_cond_source: str = "guided"
     # F of the sampler's x_T and DDIM updates; 0 = the training noise factor. The authors train with 4 and sample with 1,
     # which measured best (issue 28): 1 is the default for new models, folders saved before it keep 0.
     sampling_noise_factor: float = 1.0
-    # Mask-predict rounds (not in the paper): with a length (predicted, asked or a template's), after each full
-    # sampler pass the most confident free words are committed as given words (a share r / R after round r) and
-    # the rest is sampled again; R rounds cost R times the network evaluations. 1 = one pass.
-    commit_rounds: int = 1
     # Length-controlled decoding (a predicted, asked or template length): the word right before [SEP] is never a
     # function word, so a caption cannot end "... standing on a" (see ``LaDiC._decode_ids``).
     no_dangling_end: bool = True
@@ -137,20 +124,14 @@ class LaDiCConfig:
             raise ValueError("timestep_logit_std must be positive")
         if self.image_conditioning not in ("cross_attn", "prepend"):
             raise ValueError(f"unknown image_conditioning {self.image_conditioning!r}")
-        if self.special_token_latent not in ("zero", "period", "none"):
+        if self.special_token_latent not in ("zero", "none"):
             raise ValueError(f"unknown special_token_latent {self.special_token_latent!r}")
         if not 0 < self.refine_time < 1 or not 0 < self.refine_keep < 1:
             raise ValueError("refine_time and refine_keep must lie strictly between 0 and 1")
         if self.mbr_lengths not in ("top", "predicted"):
             raise ValueError(f"unknown mbr_lengths {self.mbr_lengths!r}; use 'top' or 'predicted'")
-        if self.self_cond_source not in ("guided", "conditional"):
-            raise ValueError(f"unknown self_cond_source {self.self_cond_source!r}; use 'guided' or 'conditional'")
-        if self.commit_rounds < 1:
-            raise ValueError("commit_rounds must be >= 1")
         if self.sampling_noise_factor < 0:
             raise ValueError("sampling_noise_factor must be >= 0 (0 = the training noise factor)")
-        if self.latent_loss not in ("mse", "l2"):
-            raise ValueError(f"unknown latent_loss {self.latent_loss!r}; use 'mse' or 'l2'")
         if self.input_scaling not in INPUT_SCALINGS:
             raise ValueError(f"unknown input_scaling {self.input_scaling!r}; use {' or '.join(map(repr, INPUT_SCALINGS))}")
         if self.position_init_std < 0:

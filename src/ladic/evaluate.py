@@ -168,7 +168,7 @@ def caption_statistics(captions: list[str]) -> dict[str, float | None]:
 
 
 def parse_sampling_overrides(items: list[str]) -> dict[str, Any]:
-    """``["clamp=false", "self_cond_source=conditional"]`` -> {key: value} (values as JSON where they parse);
+    """``["clamp=false", "sampling_noise_factor=1"]`` -> {key: value} (values as JSON where they parse);
     ValueError for a malformed item or a key that is not a sampling setting."""
     from ladic.config import SAMPLING_KEYS
 

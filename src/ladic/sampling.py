@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from ladic.diffusion import GaussianDiffusion
 from ladic.diffuser import KV, Diffuser
 
-# (x_t (B, L, D), t (B,), self_cond (B, L, D)) -> x0_hat (B, L, D), or (x0_hat, the next call's self-conditioning)
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+# (x_t (B, L, D), t (B,), self_cond (B, L, D)) -> x0_hat (B, L, D)
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # x0_hat (B, L, D) -> confidence (B, L): the decoder's max token probability
 ConfidenceFn = Callable[[torch.Tensor], torch.Tensor]
 # (iteration, t, x0_hat) -> None
@@ -35,13 +35,10 @@ class SampleResult:
     num_evaluations: int  # denoiser calls (each is one batched forward, both CFG branches included)
 
 
-def guided_denoiser(diffuser: Diffuser, cond_ctx: torch.Tensor, guidance_scale: float,
-                    self_cond_source: str = "guided") -> Denoiser:
+def guided_denoiser(diffuser: Diffuser, cond_ctx: torch.Tensor, guidance_scale: float) -> Denoiser:
     """Classifier-free guidance x0 = (1 + w) f(x, v, t) - w f(x, emptyset, t), both branches in one forward.
 
-    The image keys/values of cross-attention are computed here, once, and reused at every step. With
-    ``self_cond_source="conditional"`` the denoiser returns (guided x0, conditional x0): the sampler feeds the
-    latter back as self-conditioning, as training does.
+    The image keys/values of cross-attention are computed here, once, and reused at every step.
     """
     b = cond_ctx.shape[0]
     if guidance_scale == 0:
@@ -52,8 +49,7 @@ def guided_denoiser(diffuser: Diffuser, cond_ctx: torch.Tensor, guidance_scale: 
     def denoise(x: torch.Tensor, t: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
         out = diffuser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([sc, sc]), kv_both)
         cond, uncond = out[:b], out[b:]
-        guided = (1 + guidance_scale) * cond - guidance_scale * uncond
-        return (guided, cond) if self_cond_source == "conditional" else guided
+        return (1 + guidance_scale) * cond - guidance_scale * uncond
 
     return denoise
 
@@ -151,11 +147,10 @@ def ddim_sample_loop(
     while i < len(schedule):
         t = schedule[i]
         tt = torch.full((b,), t, device=device, dtype=torch.long)
-        out = denoise(x, tt, self_cond)
-        x0_hat, self_cond = out if isinstance(out, tuple) else (out, out)
+        x0_hat = denoise(x, tt, self_cond)
         if fixed_mask is not None:
             x0_hat = torch.where(fixed_mask[..., None], fixed_x0, x0_hat)
-            self_cond = torch.where(fixed_mask[..., None], fixed_x0, self_cond)
+        self_cond = x0_hat
         if callback is not None:
             callback(n_eval, t, x0_hat)
         n_eval += 1

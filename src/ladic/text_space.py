@@ -88,9 +88,7 @@ class TextSpace(nn.Module):
         backbone: ``"minilm-l6"``, a transformers model name or a local folder with a BERT-like model.
         split_layer: number of layers in the encoder half; the rest form the decoder half.
         max_length: L, the padded caption length including [CLS] and [SEP].
-        special_latent: what the latent of a special token ([CLS], [SEP], [PAD]) becomes: "zero" (paper Eq. 1; also
-            the centroid of the normalised word latents), "period" (the normalised latent of "." encoded alone, as
-            the authors' code does), or "none" (its own BERT latent).
+        reassign_special: set special-token latents to 0 (paper Eq. 1).
         normalize: apply the per-dimension normalisation.
         decoder_num_layers: how many upper layers the decoder runs (None = all).
         output_vocab_size: V' > 0 restricts the LM head to V' word pieces (``set_output_vocab``); 0 = all V.
@@ -101,7 +99,7 @@ class TextSpace(nn.Module):
         backbone: str = MINILM,
         split_layer: int = 3,
         max_length: int = 24,
-        special_latent: str = "zero",
+        reassign_special: bool = True,
         normalize: bool = True,
         decoder_num_layers: int | None = None,
         output_vocab_size: int = 0,
@@ -122,7 +120,7 @@ class TextSpace(nn.Module):
         self.lm_head = LMHead(self.embeddings.word_embeddings, output_vocab_size)
         self.dim = bert.config.hidden_size
         self.max_length = max_length
-        self.special_latent = special_latent
+        self.reassign_special = reassign_special
         self.normalize = normalize
         self.special_ids = sorted({i for i in self.tokenizer.all_special_ids if i != self.tokenizer.unk_token_id})
         vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
@@ -137,12 +135,6 @@ class TextSpace(nn.Module):
         self.register_buffer("function_word", _vocab_mask(len(vocab), function), persistent=False)
         self.register_buffer("latent_mean", torch.zeros(self.dim))
         self.register_buffer("latent_std", torch.ones(self.dim))
-        period = torch.zeros(self.dim)
-        if special_latent == "period":  # the hidden state of "." in "[CLS] . [SEP]" (normalised when used)
-            ids = self.tokenizer(["."], return_tensors="pt")["input_ids"]
-            with torch.no_grad():
-                period = self.encode_hidden(ids, torch.ones_like(ids))[0, 1]
-        self.register_buffer("period_hidden", period, persistent=False)
 
     def train(self, mode: bool = True) -> "TextSpace":
         """Only the LM head trains; the frozen BERT halves always run in eval mode (no dropout)."""
@@ -203,10 +195,8 @@ class TextSpace(nn.Module):
     def regularize(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Paper Eq. 1: x~(i) = norm(x)(i) for i not in S, 0 for i in S. (B, L, D) -> (B, L, D)."""
         x = self.norm(hidden.float())
-        if self.special_latent == "zero":
+        if self.reassign_special:
             x = x.masked_fill(self.special_mask(input_ids)[..., None], 0.0)
-        elif self.special_latent == "period":
-            x = torch.where(self.special_mask(input_ids)[..., None], self.norm(self.period_hidden), x)
         return x
 
     def logits(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
