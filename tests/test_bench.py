@@ -1,5 +1,6 @@
 """``ladic bench`` at toy scale: the files and rows it writes (never timings)."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -259,7 +260,6 @@ def test_markdown_shows_caption_stats_and_tolerates_old_json():
 
 
 def test_session_loads_training_text_once(monkeypatch):
-    import argparse
 
     import ladic.data.captions
 
@@ -398,3 +398,24 @@ def test_infill_table_tiny(tmp_path, tiny_model, scenes):
     assert templates == ["a dog is ___ on the grass", "two girls are ___ in the park"]
     md = infill_markdown([row], ["toy"], bench.run_meta({"what": ["infill"]}))
     assert "| tiny 1 step |" in md and "(n = 2)" in md
+
+
+def test_memorise_table_tiny(tmp_path):
+    """``ladic bench memorise`` trains each arm of an --arms file and writes its table (Flickr8k captions)."""
+    from ladic.data.captions import require_flickr8k
+
+    try:
+        require_flickr8k()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    arms = tmp_path / "arms.json"
+    arms.write_text(json.dumps({"fixed": {}, "unscaled": {"input_scaling": "none"}}))
+    out = tmp_path / "mem"
+    args = argparse.Namespace(what=["memorise"], out_dir=str(out), mem_preset="tiny", mem_photos=4, mem_steps=2,
+                              arms=str(arms), threads=None)
+    assert bench.bench_cli(args) == 0
+    rows = json.loads((out / "memorise.json").read_text())["rows"]
+    assert [r["arm"] for r in rows] == ["fixed", "unscaled"] and len(rows[0]["losses"]) == 2
+    assert set(rows[0]["exact"]) == {"1", "5"} and all(0 <= v <= 1 for v in rows[0]["exact"].values())
+    md = (out / "memorise.md").read_text()
+    assert "| fixed | `{}` |" in md and '`{"input_scaling": "none"}`' in md and "sampling noise factor 1" in md

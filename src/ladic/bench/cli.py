@@ -270,6 +270,13 @@ def _cmd_infill(args: argparse.Namespace, session: Session, out_dir: Path) -> li
                          lambda: infill_markdown(rows, notes, meta))
 
 
+def _sampler_words(cfg) -> str:
+    """The sampler settings of a config in words, for a table's notes."""
+    f = cfg.sampling_noise_factor or cfg.noise_factor
+    return (f"w = {cfg.guidance_scale:g}, Back&Refine {'on' if cfg.back_and_refine else 'off'}, sampling noise factor "
+            f"{f:g}, clamping {'on' if cfg.clamp else 'off'}, at 1 step and at {cfg.num_inference_steps} steps")
+
+
 def _cmd_memorise(args: argparse.Namespace, session: Session, out_dir: Path) -> list[Path]:
     import json
 
@@ -291,9 +298,9 @@ def _cmd_memorise(args: argparse.Namespace, session: Session, out_dir: Path) -> 
              f"vocabulary restricted to the captions' word pieces) trained on the first caption of the first "
              f"{len(captions)} Flickr8k train photos, each photo a fixed random image-token "
              f"tensor, all {len(captions)} in every batch, AdamW lr 8e-4, {args.mem_steps} steps, seed 0.",
-             "exact: share of photos whose sampled caption (seed 0, the model's default sampler: guidance 1, "
-             "Back&Refine at 5 steps) equals its training caption; restore: word-token accuracy of one conditional "
-             "denoiser call on x_t ~ q(x_t | x0), no self-conditioning."]
+             "exact: share of photos whose sampled caption (seed 0, the model's default sampler: "
+             f"{_sampler_words(preset(args.mem_preset, noise_factor=4.0))}) equals its training caption; restore: "
+             "word-token accuracy of one conditional denoiser call on x_t ~ q(x_t | x0), no self-conditioning."]
     return write_outputs(out_dir, "memorise", meta, {"notes": notes, "rows": rows},
                          lambda: memorise_markdown(rows, notes, meta))
 
