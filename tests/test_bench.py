@@ -260,7 +260,6 @@ def test_markdown_shows_caption_stats_and_tolerates_old_json():
 
 
 def test_session_loads_training_text_once(monkeypatch):
-
     import ladic.data.captions
 
     calls = []
