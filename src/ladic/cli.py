@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency / quality benchmarks (writes tables and plots)")
     p.add_argument("what", nargs="*", default=["latency"],
-                   help="latency, flops, quality, lengths, ablations, curves, pareto, infill, or all (= the first four; default latency)")
+                   help="latency, flops, quality, lengths, ablations, curves, pareto, infill, memorise, or all (= the first four; default latency)")
     p.add_argument("--model", help="quality/lengths: LaDiC model folder (default: the shipped full-sampler model, whose "
                                    "sampler settings the quality grid varies)")
     p.add_argument("--ar-model", default="shipped",
