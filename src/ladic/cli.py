@@ -182,8 +182,10 @@ def _device(args: argparse.Namespace, procs: _Processes) -> str:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     procs = _Processes()
-    if procs.world > 1 and not args.out:
-        print("error: --out is required with several processes (torchrun)", file=sys.stderr)
+    if procs.world > 1 and not args.out:  # (said once, by rank 0; torchrun then reports the failed processes)
+        if procs.rank == 0:
+            print("error: --out is required with several processes (torchrun): they write no captions to stdout",
+                  file=sys.stderr)
         return 2
     if args.resume and not args.out:
         print("error: --resume needs --out", file=sys.stderr)
