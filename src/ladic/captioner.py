@@ -408,6 +408,7 @@ class LaDiC(Captioner):
         if template is not None and length is None:  # (n, L) fixed, (n, L, D) latents, (n, L) given ids
             templates = [template] * n if isinstance(template, str) else [t for i, t in enumerate(template) if i not in out.errors]
             infill = tuple(torch.cat(z) for z in zip(*[self.infill_template(t) for t in templates]))
+        process = self._sampling_diffusion()
         for start in tqdm(range(0, n, batch_size), desc="captioning", disable=not progress or n <= batch_size):
             feats = images[start : start + batch_size].to(self.device) if is_feats else \
                 self.image_encoder.encode(pil[start : start + batch_size]).to(self.device)
@@ -432,7 +433,7 @@ class LaDiC(Captioner):
                                                       collapse_repeats=collapse))
             generators = [g for key in keys[start : start + batch_size] for g in [photo_generator(run_seed, key)] * k]
             res: SampleResult = ddim_sample_loop(
-                guided_denoiser(self.diffuser, ctx, w), self._sampling_diffusion(), (b, cfg.max_length, self.text.dim),
+                guided_denoiser(self.diffuser, ctx, w), process, (b, cfg.max_length, self.text.dim),
                 num_inference_steps=steps, generator=generators, device=self.device,
                 fixed_x0=x_fixed, fixed_mask=fixed, given_self_cond=cfg.infill_self_cond_prob > 0,
                 back_and_refine=bnr, refine_time=cfg.refine_time,

@@ -59,18 +59,30 @@ def denoising_accuracy(
         ids = feats.ids[sel].long().to(device)
         x0 = model.text.regularize(feats.hidden[sel].to(device), ids)
         image = model.image_tokens(feats.images[feats.caption_image[sel]].float().to(device))
-        ctx = model.diffuser.image_context(image)
-        if model.config.length_conditioning:  # as in training: conditioned on the reference's length
-            ctx = model.diffuser.add_length(ctx, model.caption_lengths(ids))
-        kv = model.diffuser.image_kv(ctx)
-        words = ~model.text.special_mask(ids)
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        for t in timesteps:
-            tt = torch.full((len(sel),), t, dtype=torch.long, device=device)
-            x0_hat = model.diffuser(model.diffusion.q_sample(x0, tt, noise), tt, torch.zeros_like(x0), kv)
-            correct[t] += int(((model.text.token_ids(model.text.logits(x0_hat).argmax(-1)) == ids) & words).sum())
-        total += int(words.sum())
+        for t, n in restored_words(model, image, x0, ids, noise, timesteps).items():
+            correct[t] += n
+        total += int((~model.text.special_mask(ids)).sum())
     return {t: correct[t] / max(total, 1) for t in timesteps}
+
+
+@torch.no_grad()
+def restored_words(model, image: torch.Tensor, x0: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor,
+                   timesteps: tuple[int, ...]) -> dict[int, int]:
+    """For each t: how many word tokens of ``ids`` (B, L) one conditional denoiser call restores from
+    x_t = q_sample(x0 (B, L, D), t, ``noise``), with image tokens (B, N, D_img) and no self-conditioning (a
+    length-conditioned model is told the reference's length, as in training)."""
+    ctx = model.diffuser.image_context(image)
+    if model.config.length_conditioning:
+        ctx = model.diffuser.add_length(ctx, model.caption_lengths(ids))
+    kv = model.diffuser.image_kv(ctx)
+    words = ~model.text.special_mask(ids)
+    out = {}
+    for t in timesteps:
+        tt = torch.full((len(ids),), t, dtype=torch.long, device=x0.device)
+        x0_hat = model.diffuser(model.diffusion.q_sample(x0, tt, noise), tt, torch.zeros_like(x0), kv)
+        out[t] = int(((model.text.token_ids(model.text.logits(x0_hat).argmax(-1)) == ids) & words).sum())
+    return out
 
 
 AUXILIARIES = ("is", "are")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ladic.captioner import LaDiC
 from ladic.config import LaDiCConfig
+from ladic.evaluate import restored_words
 from ladic.image_encoders import build_image_encoder
 
 
@@ -87,27 +88,10 @@ def memorisation_test(
         exact[s] = sum(c == r for c, r in zip(caps, targets)) / n
         if s == config.num_inference_steps:
             samples = caps
-    restore = _restore(model, images, x0, ids, restore_timesteps, seed)
-    return MemoriseResult(exact, restore, losses, samples, time.perf_counter() - t0)
-
-
-@torch.no_grad()
-def _restore(model: LaDiC, images: torch.Tensor, x0: torch.Tensor, ids: torch.Tensor, timesteps: Sequence[int],
-             seed: int) -> dict[int, float]:
-    """Word-token accuracy of one conditional denoiser call on x_t ~ q(x_t | x0), no self-conditioning."""
-    ctx = model.diffuser.image_context(images)
-    if model.config.length_conditioning:
-        ctx = model.diffuser.add_length(ctx, model.caption_lengths(ids))
-    kv = model.diffuser.image_kv(ctx)
-    words = ~model.text.special_mask(ids)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + 1))
-    out = {}
-    for t in timesteps:
-        tt = torch.full((len(ids),), t, dtype=torch.long)
-        x0_hat = model.diffuser(model.diffusion.q_sample(x0, tt, noise), tt, torch.zeros_like(x0), kv)
-        hit = (model.text.token_ids(model.text.logits(x0_hat).argmax(-1)) == ids) & words
-        out[t] = float(hit.sum() / words.sum())
-    return out
+    words = int((~model.text.special_mask(ids)).sum())
+    restore = {t: n / words for t, n in restored_words(model, images, x0, ids, noise, tuple(restore_timesteps)).items()}
+    return MemoriseResult(exact, restore, losses, samples, time.perf_counter() - t0)
 
 
 def memorise_markdown(rows: list[dict], notes: list[str], meta: dict) -> str:
