@@ -142,7 +142,7 @@ def test_save_load_round_trip(tiny_model, scenes, tmp_path):
 
 
 def test_corrupt_and_mismatched_checkpoints(tiny_model, tmp_path):
-    with pytest.raises(CheckpointError, match="not a LaDiC checkpoint"):
+    with pytest.raises(CheckpointError, match="no such local model folder"):
         LaDiC.from_pretrained(tmp_path / "nothing")
     tiny_model.save_pretrained(tmp_path / "c")
     (tmp_path / "c" / "model.safetensors").write_bytes(b"garbage")

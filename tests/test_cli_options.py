@@ -1,4 +1,5 @@
-"""Bad option values of the CLI: one ``error:`` line and exit code 2, before or right after the model loads."""
+"""Bad invocations of every command (caption, infill, eval, demo, export, train): one ``error:`` line and exit code 2,
+before or right after the model loads, never a traceback."""
 
 import subprocess
 import sys
@@ -18,6 +19,28 @@ BAD = [
     (["eval", "--limit", "0"], "--limit must be >= 1"),
     (["caption", "X", "--model", "someone/some-model"], "no such local model folder"),
     (["infill", "X", "a ___ dog", "--model", "someone/some-model"], "no such local model folder"),
+    (["caption", "X", "--model", "/no/such/folder"], "/no/such/folder: no such local model folder"),
+    (["demo", "--port", "70000"], "--port must be in 0..65535"),
+    (["demo", "--max-request-seconds", "0"], "--max-request-seconds must be a positive number"),
+    (["demo", "--max-request-seconds", "nan"], "--max-request-seconds must be a positive number"),
+    (["demo", "--device", "cuda"], "no CUDA device"),
+    (["demo", "--model", "/no/such/folder"], "no such local model folder"),
+    (["export", "/no/such/folder", "OUT"], "/no/such/folder: no such folder"),
+    (["export", "EMPTY", "OUT"], "neither a model folder (config.json) nor a training checkpoint"),
+    (["export", "EMPTY", "OUT", "--restrict-vocab", "nope"], "--restrict-vocab nope: not 'flickr8k'"),
+    (["train", "--config", "/no/such.json"], "/no/such.json: cannot read the config file"),
+    (["train", "--config", "BADJSON"], "not valid JSON"),
+    (["train", "--set", "stepz=5"], "unknown training option stepz"),
+    (["train", "--set", "max_step=5"], "unknown training option max_step (did you mean max_steps?)"),
+    (["train", "--set", "model.num_layer=2"], "unknown model option model.num_layer (did you mean model.num_layers?)"),
+    (["train", "--set", "lr=fast"], "lr must be float, got 'fast'"),
+    (["train", "--set", "flip_augment=3"], "flip_augment must be bool, got 3"),
+    (["train", "--set", "batch_size=0"], "batch_size must be >= 1, got 0"),
+    (["train", "--set", "preset=huge"], "unknown preset 'huge'"),
+    (["train", "--set", "references=some"], "references must be one of all, consensus"),
+    (["train", "--set", "data=/no/such.json"], "not 'flickr8k', 'scenes' or a caption JSON file"),
+    (["train", "--set", "init_from=EMPTY"], "not a model folder (no config.json there)"),
+    (["train", "--set", "oops"], "override 'oops' is not key=value"),
 ]
 
 
@@ -27,7 +50,10 @@ def test_bad_option_is_one_line(argv, message, tmp_path):
     from PIL import Image
 
     Image.new("RGB", (32, 32), "red").save(photo)
-    argv = [str(photo) if a == "X" else a for a in argv]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.json").write_text('{"lr": 1')
+    named = {"X": photo, "EMPTY": tmp_path / "empty", "OUT": tmp_path / "out", "BADJSON": tmp_path / "bad.json"}
+    argv = [a.replace("EMPTY", str(named["EMPTY"])) if a.startswith("init_from=") else str(named.get(a, a)) for a in argv]
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     r = subprocess.run([sys.executable, "-m", "ladic.cli", *argv], capture_output=True, text=True, env=env, timeout=300)
     lines = [line for line in r.stderr.splitlines() if line.strip()]

@@ -18,7 +18,9 @@ pytest.importorskip("httpx")
 import httpx  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
-from ladic.demo import EXAMPLES, create_app, start_in_thread  # noqa: E402
+from ladic.demo import EXAMPLES, RequestCost, create_app, start_in_thread  # noqa: E402
+
+FREE = RequestCost(0.0, 0.0, 0.0)  # skips measuring (a spy model's calls are counted)
 
 TEMPLATE = "two ___ standing on a ___ field"
 
@@ -36,7 +38,7 @@ def astronaut_jpeg() -> bytes:
 
 @pytest.fixture(scope="module")
 def client(tiny_model):
-    with TestClient(create_app(tiny_model, model_name="tiny")) as c:
+    with TestClient(create_app(tiny_model, model_name="tiny", cost=FREE)) as c:
         yield c
 
 
@@ -190,7 +192,7 @@ def test_oversize_upload_refused(client, tiny_model, astronaut_jpeg):
     r = client.post("/api/caption", files=_upload(big, "big.jpg"))
     assert r.status_code == 413 and "upload too large" in r.json()["error"] and "10.0 MB limit" in r.json()["error"]
     # the limit is configurable
-    small = TestClient(create_app(tiny_model, max_upload_bytes=len(astronaut_jpeg) // 2))
+    small = TestClient(create_app(tiny_model, max_upload_bytes=len(astronaut_jpeg) // 2, cost=FREE))
     r = small.post("/api/caption", files=_upload(astronaut_jpeg))
     assert r.status_code == 413 and "upload too large" in r.json()["error"]
     assert small.get("/api/config").json()["limits"]["max_upload_bytes"] == len(astronaut_jpeg) // 2
@@ -211,14 +213,14 @@ def _chunked_upload(total_chunks: int):
 
 
 def test_oversize_streamed_body_refused_without_content_length(tiny_model):
-    with TestClient(create_app(tiny_model, max_upload_bytes=100_000)) as c:
+    with TestClient(create_app(tiny_model, max_upload_bytes=100_000, cost=FREE)) as c:
         r = c.post("/api/caption", content=_chunked_upload(64),
                    headers={"content-type": "multipart/form-data; boundary=zzz"})
     assert r.status_code == 413 and r.json()["error"] == "upload too large (over the 0.1 MB limit)"
 
 
 def test_decode_limit_is_configurable(tiny_model, astronaut_jpeg):
-    c = TestClient(create_app(tiny_model, max_pixels=100_000))
+    c = TestClient(create_app(tiny_model, max_pixels=100_000, cost=FREE))
     r = c.post("/api/caption", files=_upload(astronaut_jpeg))
     assert r.status_code == 413 and "image too large (512x512" in r.json()["error"]
 
@@ -252,7 +254,7 @@ def test_twenty_concurrent_requests_against_a_live_server(tiny_model, astronaut_
     spy = SpyModel(tiny_model, delay=0.005)
     n = 20
     barrier = threading.Barrier(n)
-    with start_in_thread(create_app(spy)) as server, httpx.Client(base_url=server.url, timeout=120) as http:
+    with start_in_thread(create_app(spy, cost=FREE)) as server, httpx.Client(base_url=server.url, timeout=120) as http:
         assert server.port > 0 and http.get("/healthz").json()["status"] == "ok"
 
         def one(i: int):
@@ -274,7 +276,7 @@ def test_twenty_concurrent_requests_against_a_live_server(tiny_model, astronaut_
 
 def test_model_runs_off_the_event_loop(tiny_model):
     spy = SpyModel(tiny_model, delay=2.0)
-    with start_in_thread(create_app(spy)) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+    with start_in_thread(create_app(spy, cost=FREE)) as server, httpx.Client(base_url=server.url, timeout=60) as http:
         with ThreadPoolExecutor(1) as pool:
             slow = pool.submit(http.post, "/api/caption", data={"example": "coffee", "steps": "1"})
             while spy.active == 0 and not slow.done():
@@ -287,7 +289,7 @@ def test_model_runs_off_the_event_loop(tiny_model):
 
 
 def test_live_server_refuses_oversize_upload_with_a_message(tiny_model):
-    with start_in_thread(create_app(tiny_model, max_upload_bytes=2**20)) as server:
+    with start_in_thread(create_app(tiny_model, max_upload_bytes=2**20, cost=FREE)) as server:
         r = httpx.post(server.url + "/api/caption", files=_upload(b"\0" * (3 * 2**20), "big.jpg"), timeout=60)
         assert r.status_code == 413 and r.json()["error"] == "upload too large (3.0 MB > 1.0 MB limit)"
         # streamed without Content-Length: refused once the limit is crossed
@@ -295,3 +297,129 @@ def test_live_server_refuses_oversize_upload_with_a_message(tiny_model):
                        headers={"content-type": "multipart/form-data; boundary=zzz"})
         assert r.status_code == 413 and r.json()["error"] == "upload too large (over the 1.0 MB limit)"
         assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+# ----------------------------------------------------------------------------- bounded cost, line, cancellation
+def test_request_cost_is_bounded_and_estimated(tiny_model):
+    cost = RequestCost(encode_s=0.1, per_evaluation_s=0.01, per_row_s=0.0)
+    c = TestClient(create_app(tiny_model, cost=cost, max_request_seconds=1.0))
+    cfg = c.get("/api/config").json()
+    assert cfg["limits"]["request_seconds"] == 1.0 and cfg["cost"]["per_evaluation_s"] == 0.01
+    est = c.get("/api/estimate", params={"steps": "50", "back_and_refine": "false"}).json()
+    assert est == {"seconds": 0.6, "limit_s": 1.0, "allowed": True}
+    est = c.get("/api/estimate", params={"steps": "50", "samples": "2", "back_and_refine": "false"}).json()
+    assert est["seconds"] == 1.1 and est["allowed"] is False
+    r = c.post("/api/caption", data={"example": "coffee", "steps": "50", "samples": "2", "back_and_refine": "false"})
+    assert r.status_code == 400
+    assert r.json()["error"] == ("this request would take about 1.1 s on this machine, over the 1 s limit: "
+                                 "lower steps, MBR candidates or captions")
+    assert c.get("/api/estimate", params={"steps": "0"}).status_code == 400
+    r = c.post("/api/caption", data={"example": "coffee", "steps": "5", "back_and_refine": "false"})
+    assert r.status_code == 200 and r.json()["num_evaluations"] == 5
+
+
+def test_measured_cost_predicts_a_request(tiny_model):
+    from ladic.demo import measure_cost
+
+    cost = measure_cost(tiny_model, repeats=1)
+    assert cost.encode_s > 0 and cost.per_evaluation_s + cost.per_row_s > 0
+    c = TestClient(create_app(tiny_model, cost=cost, max_request_seconds=60))
+    est = c.get("/api/estimate", params={"steps": "8", "mbr": "4", "back_and_refine": "false"}).json()
+    took = c.post("/api/caption", data={"example": "coffee", "steps": "8", "mbr": "4", "back_and_refine": "false"})
+    assert took.status_code == 200 and est["seconds"] > 0 and took.json()["num_evaluations"] == 8
+
+
+def _raw_post(url: str, fields: dict[str, str]):
+    """Send a form POST on a raw socket (so the test can hang up mid-request); returns the socket."""
+    import socket
+    from urllib.parse import urlencode, urlparse
+
+    u = urlparse(url)
+    body = urlencode(fields).encode()
+    sock = socket.create_connection((u.hostname, u.port), timeout=30)
+    sock.sendall(b"POST /api/caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return sock
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+LONG = {"example": "coffee", "steps": "1000", "mbr": "16", "samples": "8", "request_id": "long-one"}  # minutes
+
+
+def test_long_request_is_cancelled_on_disconnect_and_the_next_is_answered(tiny_model):
+    app = create_app(tiny_model, cost=FREE, max_request_seconds=3600)
+    with start_in_thread(app) as server, httpx.Client(base_url=server.url, timeout=120) as http:
+        sock = _raw_post(server.url, LONG)
+        _wait_for(lambda: http.get("/api/queue/long-one").json()["running"])
+        with ThreadPoolExecutor(1) as pool:
+            second = pool.submit(http.post, "/api/caption",
+                                 data={"example": "rocket", "steps": "2", "request_id": "second"})
+            _wait_for(lambda: http.get("/api/queue/second").json()["position"] == 1)  # waits behind the long one
+            health = http.get("/healthz").json()
+            assert health["busy"] is True and health["waiting"] == 1 and health["cancelled"] == 0
+            sock.close()  # the long request's client goes away
+            r = second.result(timeout=60)
+        assert r.status_code == 200 and r.json()["caption"] and r.json()["request_id"] == "second"
+        health = http.get("/healthz").json()
+        assert health["cancelled"] == 1 and health["busy"] is False
+        assert http.get("/api/queue/long-one").json()["position"] is None
+
+
+def test_full_line_is_refused_and_request_ids_are_checked(tiny_model):
+    app = create_app(tiny_model, cost=FREE, max_request_seconds=3600, max_waiting=0)
+    with start_in_thread(app) as server, httpx.Client(base_url=server.url, timeout=120) as http:
+        sock = _raw_post(server.url, LONG)
+        _wait_for(lambda: http.get("/api/queue/long-one").json()["running"])
+        r = http.post("/api/caption", data={"example": "rocket", "steps": "2"})
+        assert r.status_code == 503 and r.json()["error"] == "the demo is busy (0 requests waiting): try again shortly"
+        r = http.post("/api/caption", data={"example": "rocket", "steps": "2", "request_id": "long-one"})
+        assert r.status_code == 400 and "already in line" in r.json()["error"]
+        r = http.post("/api/caption", data={"example": "rocket", "request_id": "../etc"})
+        assert r.status_code == 400 and "request_id must be" in r.json()["error"]
+        sock.close()
+        _wait_for(lambda: http.get("/healthz").json()["cancelled"] == 1)
+
+
+def test_sigterm_stops_a_busy_demo(tiny_model, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    tiny_model.save_pretrained(tmp_path / "tiny")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ladic.cli", "demo", "--model", str(tmp_path / "tiny"), "--port", "0",
+         "--max-request-seconds", "3600"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("LaDiC demo on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
+        url = line.split()[3].rstrip("/")
+        _wait_for(lambda: _answers(url + "/healthz"), timeout=60)
+        sock = _raw_post(url, LONG)
+        _wait_for(lambda: httpx.get(url + "/api/queue/long-one").json()["running"], timeout=60)
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)  # the long request alone would run for minutes
+        print(f"exited {time.perf_counter() - t0:.2f} s after SIGTERM")
+        sock.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert proc.returncode in (0, -signal.SIGTERM) and "Traceback" not in err, err  # uvicorn re-raises the signal
+    assert "stopping: cancelled the requests in progress" in err

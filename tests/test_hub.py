@@ -68,7 +68,7 @@ def test_neither_folder_nor_hub_model_is_one_line_naming_both(hub_cache, name):
 
 @pytest.mark.parametrize("name", ["no/such/folder", "./not-here", "/abs/not-here"])
 def test_a_name_that_cannot_be_a_hub_id_is_a_missing_folder(hub_cache, name):
-    with pytest.raises(CheckpointError, match="not a LaDiC checkpoint"):
+    with pytest.raises(CheckpointError, match="no such local model folder"):
         LaDiC.from_pretrained(name)
 
 

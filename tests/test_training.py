@@ -137,7 +137,7 @@ def test_config_overrides_and_errors(tmp_path):
     cfg.write_text(json.dumps({"preset": "tiny", "lr": 0.01}))
     tc = TrainConfig.load(cfg, ["max_steps=7", "model.num_layers=1", "data=scenes"])
     assert tc.lr == 0.01 and tc.max_steps == 7 and tc.model == {"num_layers": 1}
-    with pytest.raises(ValueError, match="unknown training options"):
+    with pytest.raises(ValueError, match="unknown training option"):
         TrainConfig.load(None, ["nope=1"])
     with pytest.raises(ValueError, match="key=value"):
         TrainConfig.load(None, ["oops"])

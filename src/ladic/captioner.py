@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,10 @@ from ladic.reward import CiderReward, self_critical_loss
 from ladic.sampling import SampleResult, ddim_sample_loop, guided_denoiser, mbr_select
 
 BLANK_MARKERS = ("[MASK]", "[mask]")
+
+
+class CaptioningCancelled(Exception):
+    """Raised by ``LaDiC.generate`` when its ``should_stop`` callback asks it to stop."""
 
 
 @dataclass
@@ -346,6 +350,7 @@ class LaDiC(Captioner):
         no_dangling_end: bool | None = None,
         mbr_lengths: str | None = None,
         rerank_with: Captioner | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> CaptionOutput:
         """Caption images. ``images`` are PIL images, paths, arrays/tensors, or precomputed image tokens
         (a float tensor (B, N_img, D_img)). See ``caption`` for the arguments.
@@ -358,6 +363,9 @@ class LaDiC(Captioner):
         ``errors="raise"`` raises ``ImageLoadError`` for the first bad input before any work;
         ``errors="skip"`` captions the good inputs and reports the bad ones in ``CaptionOutput.errors``
         (their caption, candidates and trajectory are ``None``).
+
+        ``should_stop`` is asked after every denoising step; when it returns True, ``CaptioningCancelled`` is raised
+        (the demo uses it to drop the work of a client that has gone away).
         """
         if errors not in ("raise", "skip"):
             raise ValueError("errors must be 'raise' or 'skip'")
@@ -427,10 +435,13 @@ class LaDiC(Captioner):
             free = None if fixed is None else ~fixed
             traj: list[list[str]] = []
             callback = None
-            if return_trajectory:
+            if return_trajectory or should_stop is not None:
                 def callback(i: int, t: int, x0: torch.Tensor) -> None:
-                    traj.append(self.text.ids_to_text(self._decode_ids(x0, free, given, no_dangling, exact, blanks),
-                                                      collapse_repeats=collapse))
+                    if should_stop is not None and should_stop():
+                        raise CaptioningCancelled(f"captioning cancelled after {i} denoising steps")
+                    if return_trajectory:
+                        traj.append(self.text.ids_to_text(
+                            self._decode_ids(x0, free, given, no_dangling, exact, blanks), collapse_repeats=collapse))
             generators = [g for key in keys[start : start + batch_size] for g in [photo_generator(run_seed, key)] * k]
             res: SampleResult = ddim_sample_loop(
                 guided_denoiser(self.diffuser, ctx, w), process, (b, cfg.max_length, self.text.dim),
@@ -510,4 +521,4 @@ class LaDiC(Captioner):
         return self.generate([image], template=template, **kwargs).captions[0]
 
 
-__all__ = ["LaDiC", "CaptionOutput", "CheckpointError", "ImageLoadError", "default_model_path", "full_model_path", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["LaDiC", "CaptionOutput", "CaptioningCancelled", "CheckpointError", "ImageLoadError", "default_model_path", "full_model_path", "CONFIG_NAME", "WEIGHTS_NAME"]

@@ -170,7 +170,7 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     try:
         validate_repo_id(str(name_or_path))
     except HFValidationError:
-        return path  # can only be a local path: reading it says what is missing
+        raise CheckpointError(f"{name_or_path}: no such local model folder") from None  # and not a Hub id
     try:
         return Path(snapshot_download(str(name_or_path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "*.md"]))
     except Exception as e:  # the Hub client raises many error types (validation, HTTP, offline, cache)

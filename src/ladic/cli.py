@@ -30,6 +30,11 @@ def _check_options(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {low} ({what}), got {value}")
+    if args.command == "demo":
+        if not 0 <= args.port <= 65535:
+            raise UsageError(f"--port must be in 0..65535 (0 picks a free port), got {args.port}")
+        if not args.max_request_seconds > 0 or args.max_request_seconds == float("inf"):
+            raise UsageError(f"--max-request-seconds must be a positive number, got {args.max_request_seconds}")
     guidance = getattr(args, "guidance", None)
     if guidance is not None and guidance < 0:
         raise UsageError(f"--guidance must be >= 0 (0 turns guidance off), got {guidance}")
@@ -317,13 +322,16 @@ def cmd_infill(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ladic.checkpoint import CheckpointError
-    from ladic.train import TrainConfig, TrainingDiverged, train
+    from ladic.train import ConfigError, TrainConfig, TrainingDiverged, train
 
     _quiet_transformers()
     overrides = list(args.set or [])
     if args.out_dir:
         overrides.append(f"out_dir={args.out_dir}")
-    tc = TrainConfig.load(args.config, overrides)
+    try:
+        tc = TrainConfig.load(args.config, overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
     try:
         final = train(tc, resume=args.resume)
     except TrainingDiverged as e:
@@ -347,8 +355,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     _quiet_transformers()
     src = Path(args.checkpoint)
+    if args.restrict_vocab and args.restrict_vocab != "flickr8k" and not Path(args.restrict_vocab).is_file():
+        raise UsageError(f"--restrict-vocab {args.restrict_vocab}: not 'flickr8k' or a caption JSON file")
+    if not src.is_dir():
+        raise UsageError(f"{src}: no such folder")
     if (src / CONFIG_NAME).is_file():  # a model folder: re-export it (e.g. with a restricted vocabulary)
         model, what = load_model(src), "weights"
+    elif not (src / "train_config.json").is_file():
+        raise UsageError(f"{src}: neither a model folder ({CONFIG_NAME}) nor a training checkpoint (train_config.json); "
+                         f"a training run's is <out_dir>/checkpoint")
     else:
         tc = TrainConfig(**json.loads((src / "train_config.json").read_text()))
         model = model_class(tc.model_type)(checkpoint_model_config(src, tc).replace(output_vocab_size=0))
@@ -390,7 +405,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ladic.demo import serve
 
     _quiet_transformers()
-    serve(model_path=args.model, host=args.host, port=args.port, device=args.device)
+    serve(model_path=args.model, host=args.host, port=args.port, device=args.device,
+          max_request_seconds=args.max_request_seconds)
     return 0
 
 
@@ -485,8 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="local web demo on 127.0.0.1")
     _add_model(p)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="0 picks a free port (default 7860)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--max-request-seconds", type=float, default=5.0, metavar="S",
+                   help="refuse a request estimated (from a timing at start-up) to take longer than S seconds on this "
+                        "machine, and stop one that runs twice as long (default 5)")
     p.set_defaults(func=cmd_demo)
     return ap
 

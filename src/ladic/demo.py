@@ -32,21 +32,33 @@ The denoising trajectory comes from ``LaDiC.generate(..., return_trajectory=True
 one call; the page reveals it step after step (a live view of the denoising). Streaming
 each step as it is computed would need a per-step hook in ``generate``.
 
-Model calls run in the threadpool (never on the event loop) and are serialised by a
-lock, so concurrent requests are safe and ``/healthz`` stays responsive meanwhile.
+``GET /api/estimate``     the same fields as a query -> ``{"seconds", "limit_s", "allowed"}``
+``GET /api/queue/{id}``   where the request sent with ``request_id=id`` stands in line
+
+Every request is bounded: what one denoiser evaluation costs on this machine is measured at
+start-up (``measure_cost``), a request whose estimate exceeds ``max_request_seconds`` is
+refused before it runs, and one that overruns (twice the limit) is stopped. Model calls run
+in the threadpool (never on the event loop), one at a time, first come first served; the
+others wait in a bounded line (``/api/queue`` gives their position, the page shows it), and
+``/healthz`` stays responsive meanwhile. A request whose client disconnects is cancelled at
+its next denoising step, waiting or running; on SIGTERM every request is cancelled and the
+server exits within about a second.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import ipaddress
 import logging
 import math
+import re
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -66,10 +78,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ladic.image_io import MAX_PIXELS_DEFAULT, ImageLoadError, load_image
 
 __all__ = [
+    "DEFAULT_MAX_REQUEST_SECONDS",
     "DEFAULT_MAX_UPLOAD_BYTES",
     "EXAMPLES",
+    "RequestCost",
     "RunningServer",
     "create_app",
+    "measure_cost",
     "serve",
     "start_in_thread",
 ]
@@ -88,6 +103,11 @@ MAX_SAMPLES = 8
 MAX_GUIDANCE = 50.0
 MAX_SEED = 2**63 - 1
 MAX_TEMPLATE_CHARS = 500
+DEFAULT_MAX_REQUEST_SECONDS = 5.0
+"""A request estimated to take longer on this machine is refused; one that runs twice as long is stopped."""
+DEFAULT_MAX_WAITING = 32
+"""Requests that may wait in line behind the running one; more are refused with 503."""
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _motorcycle_left(data: Any) -> Any:
@@ -196,7 +216,7 @@ _TRUE = frozenset({"1", "true", "on", "yes"})
 _FALSE = frozenset({"0", "false", "off", "no"})
 
 
-def _field(form: FormData, name: str) -> str | None:
+def _field(form: Mapping[str, Any], name: str) -> str | None:
     value = form.get(name)
     if value is None:
         return None
@@ -206,7 +226,7 @@ def _field(form: FormData, name: str) -> str | None:
     return value or None
 
 
-def _int_field(form: FormData, name: str, default: int | None, lo: int, hi: int) -> int | None:
+def _int_field(form: Mapping[str, Any], name: str, default: int | None, lo: int, hi: int) -> int | None:
     raw = _field(form, name)
     if raw is None:
         return default
@@ -219,7 +239,7 @@ def _int_field(form: FormData, name: str, default: int | None, lo: int, hi: int)
     return value
 
 
-def _float_field(form: FormData, name: str, default: float, lo: float, hi: float) -> float:
+def _float_field(form: Mapping[str, Any], name: str, default: float, lo: float, hi: float) -> float:
     raw = _field(form, name)
     if raw is None:
         return default
@@ -232,7 +252,7 @@ def _float_field(form: FormData, name: str, default: float, lo: float, hi: float
     return value
 
 
-def _bool_field(form: FormData, name: str, default: bool) -> bool:
+def _bool_field(form: Mapping[str, Any], name: str, default: bool) -> bool:
     raw = _field(form, name)
     if raw is None:
         return default
@@ -254,14 +274,140 @@ class SamplingParams:
     samples: int
 
 
+# ---------------------------------------------------------------------------- cost and line
+@dataclass(frozen=True)
+class RequestCost:
+    """What a request costs on this machine (seconds), measured by ``measure_cost``.
+
+    ``samples`` captions of ``evaluations`` denoiser evaluations each, over ``rows`` latents per evaluation (the MBR
+    candidates, twice that with classifier-free guidance), take about
+    ``encode_s + samples * evaluations * (per_evaluation_s + per_row_s * rows)``.
+    """
+
+    encode_s: float
+    per_evaluation_s: float
+    per_row_s: float
+
+    def seconds(self, samples: int, evaluations: int, rows: int) -> float:
+        return self.encode_s + samples * evaluations * (self.per_evaluation_s + self.per_row_s * rows)
+
+
+def measure_cost(model: Any, repeats: int = 3) -> RequestCost:
+    """Time the image encoder and 4-step captions of 1 and 8 rows on a grey photo (best of ``repeats``)."""
+    import torch
+
+    image = Image.new("RGB", (320, 240), (128, 128, 128))
+
+    def best(fn: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.no_grad():
+        encode_s = best(lambda: model.image_encoder.encode([image]))
+        feats = model.image_encoder.encode([image])
+    steps = 4
+
+    def per_evaluation(rows: int) -> float:
+        return best(lambda: model.generate(feats, num_inference_steps=steps, guidance_scale=0.0, back_and_refine=False,
+                                           mbr_candidates=rows, return_trajectory=True)) / steps
+
+    per_evaluation(1)  # warm-up
+    one, eight = per_evaluation(1), per_evaluation(8)
+    per_row = max(0.0, (eight - one) / 7)
+    return RequestCost(encode_s=encode_s, per_evaluation_s=max(0.0, one - per_row), per_row_s=per_row)
+
+
+class _Job:
+    """One request in line; ``cancel`` makes it leave the line, or stop at its next denoising step."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.reason: str | None = None
+        self._cancelled = threading.Event()
+
+    def cancel(self, reason: str) -> None:
+        if not self._cancelled.is_set():
+            self.reason = reason
+            self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class JobQueue:
+    """First come, first served: the first job runs the model, at most ``max_waiting`` others wait behind it."""
+
+    def __init__(self, max_waiting: int) -> None:
+        self.max_waiting = max_waiting
+        self.cancelled = 0
+        self._jobs: list[_Job] = []
+        self._cond = threading.Condition()
+
+    def join(self, request_id: str) -> _Job:
+        with self._cond:
+            if any(job.request_id == request_id for job in self._jobs):
+                raise DemoInputError(f"request_id {request_id!r} is already in line")
+            if len(self._jobs) > self.max_waiting:
+                raise DemoInputError(f"the demo is busy ({len(self._jobs) - 1} requests waiting): try again shortly", 503)
+            job = _Job(request_id)
+            self._jobs.append(job)
+            return job
+
+    def position(self, request_id: str) -> int | None:
+        """0: running, n: n requests ahead; None: not in line."""
+        with self._cond:
+            return next((i for i, job in enumerate(self._jobs) if job.request_id == request_id), None)
+
+    def status(self) -> tuple[bool, int]:
+        """(a job is running, how many wait)."""
+        with self._cond:
+            return bool(self._jobs), max(0, len(self._jobs) - 1)
+
+    def run(self, job: _Job, work: Callable[[], Any]) -> Any:
+        """Wait for ``job``'s turn (in a worker thread), run ``work``, leave the line. Raises ``_Cancelled``."""
+        try:
+            with self._cond:
+                while self._jobs[0] is not job and not job.cancelled:
+                    self._cond.wait(0.1)
+            if job.cancelled:
+                raise _Cancelled
+            return work()
+        except _Cancelled:
+            with self._cond:
+                self.cancelled += 1
+            raise
+        finally:
+            with self._cond:
+                self._jobs.remove(job)
+                self._cond.notify_all()
+
+    def cancel_all(self, reason: str) -> int:
+        with self._cond:
+            for job in self._jobs:
+                job.cancel(reason)
+            return len(self._jobs)
+
+
 # ---------------------------------------------------------------------------- the app
 class _Demo:
-    def __init__(self, model: Any, *, max_upload_bytes: int, max_pixels: int, model_name: str) -> None:
+    def __init__(self, model: Any, *, max_upload_bytes: int, max_pixels: int, model_name: str,
+                 max_request_seconds: float, max_waiting: int, cost: RequestCost) -> None:
         self.model = model
         self.max_upload_bytes = max_upload_bytes
         self.max_pixels = max_pixels
         self.model_name = model_name
-        self.lock = threading.Lock()  # one model call at a time
+        self.max_request_seconds = max_request_seconds
+        self.cost = cost
+        self.queue = JobQueue(max_waiting)
         self._examples: dict[str, Image.Image] = {}
         self._thumbs: dict[str, bytes] = {}
         self._examples_lock = threading.Lock()
@@ -302,7 +448,28 @@ class _Demo:
             self._thumbs[name] = buf.getvalue()
         return buf.getvalue()
 
-    def parse_params(self, form: FormData) -> SamplingParams:
+    def evaluations(self, steps: int, back_and_refine: bool) -> int:
+        """Denoiser evaluations of one caption: the schedule, plus its refine pass with Back&Refine."""
+        schedule = [int(t) for t in self.model.diffusion.inference_timesteps(steps)]
+        if not back_and_refine:
+            return len(schedule)
+        cut = self.model.config.refine_time * self.model.diffusion.num_timesteps
+        first = next((i + 1 for i, t in enumerate(schedule) if t <= cut), None)
+        return len(schedule) if first is None else first + len(schedule)
+
+    def estimate(self, p: SamplingParams) -> float:
+        rows = p.mbr * (2 if p.guidance > 0 else 1)
+        return self.cost.seconds(p.samples, self.evaluations(p.steps, p.back_and_refine), rows)
+
+    def check_cost(self, p: SamplingParams) -> None:
+        seconds = self.estimate(p)
+        if seconds > self.max_request_seconds:
+            raise DemoInputError(
+                f"this request would take about {seconds:.1f} s on this machine, over the {self.max_request_seconds:g} s "
+                f"limit: lower steps, MBR candidates or captions"
+            )
+
+    def parse_params(self, form: Mapping[str, Any]) -> SamplingParams:
         d = self.defaults
         p = SamplingParams(
             steps=_int_field(form, "steps", d["steps"], 1, self.max_steps),
@@ -364,25 +531,41 @@ class _Demo:
             return [{"t": t, "phase": "denoise"} for t in schedule]
         return [{"t": None, "phase": "denoise"} for _ in range(n)]
 
-    def run_model(self, image: Image.Image, p: SamplingParams, template: str | None) -> dict[str, Any]:
-        """Runs in a worker thread; the lock serialises model calls."""
-        with self.lock:
-            start = time.perf_counter()
-            outs = []
-            try:
-                for i in range(p.samples):
-                    outs.append(
-                        self.model.generate(
-                            [image], num_inference_steps=p.steps, guidance_scale=p.guidance,
-                            back_and_refine=p.back_and_refine, mbr_candidates=p.mbr, length=p.length,
-                            template=template, seed=p.seed + i, return_trajectory=(i == 0),
-                        )
+    def run_model(self, job: _Job, image: Image.Image, p: SamplingParams, template: str | None) -> dict[str, Any]:
+        """Runs in a worker thread once ``job`` is first in line; stops at the next step once it is cancelled or
+        has run twice the time limit."""
+        import torch
+
+        from ladic.captioner import CaptioningCancelled
+        from ladic.photo_seed import pixel_key
+
+        start = time.perf_counter()
+        deadline = start + 2 * self.max_request_seconds
+
+        def should_stop() -> bool:
+            if time.perf_counter() > deadline:
+                job.cancel(f"it ran over twice the {self.max_request_seconds:g} s limit on this machine and was stopped: "
+                           f"lower steps, MBR candidates or captions")
+            return job.cancelled
+
+        outs = []
+        try:
+            with torch.no_grad():
+                feats = self.model.image_encoder.encode([image])  # once for every seed
+            key = [pixel_key(image)]  # the noise of `ladic caption` for this photo and seed
+            for i in range(p.samples):
+                outs.append(
+                    self.model.generate(
+                        feats, keys=key, num_inference_steps=p.steps, guidance_scale=p.guidance,
+                        back_and_refine=p.back_and_refine, mbr_candidates=p.mbr, length=p.length,
+                        template=template, seed=p.seed + i, return_trajectory=(i == 0), should_stop=should_stop,
                     )
-            except ImageLoadError as e:
-                raise DemoInputError(str(e)) from e
-            except ValueError as e:
-                raise DemoInputError(str(e)) from e
-            elapsed = time.perf_counter() - start
+                )
+        except CaptioningCancelled:
+            raise _Cancelled from None
+        except (ImageLoadError, ValueError) as e:
+            raise DemoInputError(str(e)) from e
+        elapsed = time.perf_counter() - start
         main = outs[0]
         trajectory = list(main.trajectories[0]) if main.trajectories else []
         return {
@@ -401,7 +584,22 @@ class _Demo:
         return HTMLResponse(self.page, headers={"Content-Security-Policy": _CSP, "Cache-Control": "no-store"})
 
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": self.model_name, "busy": self.lock.locked()})
+        busy, waiting = self.queue.status()
+        return JSONResponse({"status": "ok", "model": self.model_name, "busy": busy, "waiting": waiting,
+                             "cancelled": self.queue.cancelled})
+
+    async def estimate_endpoint(self, request: Request) -> Response:
+        p = self.parse_params(request.query_params)
+        seconds = self.estimate(p)
+        return JSONResponse({"seconds": round(seconds, 3), "limit_s": self.max_request_seconds,
+                             "allowed": seconds <= self.max_request_seconds})
+
+    async def queue_position(self, request: Request) -> Response:
+        request_id = request.path_params["request_id"]
+        position = self.queue.position(request_id)
+        _, waiting = self.queue.status()
+        return JSONResponse({"request_id": request_id, "position": position, "running": position == 0,
+                             "waiting": waiting})
 
     async def config(self, request: Request) -> Response:
         return JSONResponse({
@@ -417,7 +615,10 @@ class _Demo:
                 "length": [1, self.max_length_tokens],
                 "samples": [1, MAX_SAMPLES],
                 "template_chars": MAX_TEMPLATE_CHARS,
+                "request_seconds": self.max_request_seconds,
+                "waiting": self.queue.max_waiting,
             },
+            "cost": asdict(self.cost),
             "examples": list(EXAMPLES),
         })
 
@@ -439,9 +640,15 @@ class _Demo:
         data = await run_in_threadpool(self.thumbnail, name)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    async def _read_form(self, request: Request, need_template: bool) -> tuple[Image.Image, str, SamplingParams, str | None]:
+    async def _read_form(
+        self, request: Request, need_template: bool
+    ) -> tuple[Image.Image, str, SamplingParams, str | None, str]:
         async with request.form(max_files=1, max_fields=32, max_part_size=FORM_OVERHEAD_BYTES) as form:
             params = self.parse_params(form)
+            self.check_cost(params)
+            request_id = _field(form, "request_id") or uuid.uuid4().hex
+            if not _REQUEST_ID.fullmatch(request_id):
+                raise DemoInputError("request_id must be 1-64 letters, digits, '-' or '_'")
             template = None
             if need_template:
                 raw = form.get("template")
@@ -453,20 +660,40 @@ class _Demo:
                     raise DemoInputError(f"infill template is too long ({len(raw)} > {MAX_TEMPLATE_CHARS} characters)")
                 template = " ".join(raw.split())
             image, source = await self.image_from_form(form)
-        return image, source, params, template
+        return image, source, params, template, request_id
+
+    async def _watch(self, request: Request, job: _Job) -> None:
+        """Cancel ``job`` when its client disconnects."""
+        while not job.cancelled:
+            if await request.is_disconnected():
+                job.cancel("the client disconnected")
+                return
+            await asyncio.sleep(0.1)
+
+    async def _answer(self, request: Request, need_template: bool) -> Response:
+        image, source, params, template, request_id = await self._read_form(request, need_template)
+        job = self.queue.join(request_id)
+        watcher = asyncio.create_task(self._watch(request, job))
+        try:
+            result = await run_in_threadpool(
+                self.queue.run, job, lambda: self.run_model(job, image, params, template)
+            )
+        except _Cancelled:
+            log.info("request %s cancelled: %s", request_id, job.reason)
+            return JSONResponse({"error": f"cancelled: {job.reason}"}, status_code=503)
+        finally:
+            watcher.cancel()
+        if template is not None:
+            result["template"] = template
+        result["image"] = {"source": source, "width": image.width, "height": image.height}
+        result["request_id"] = request_id
+        return JSONResponse(result)
 
     async def caption(self, request: Request) -> Response:
-        image, source, params, _ = await self._read_form(request, need_template=False)
-        result = await run_in_threadpool(self.run_model, image, params, None)
-        result["image"] = {"source": source, "width": image.width, "height": image.height}
-        return JSONResponse(result)
+        return await self._answer(request, need_template=False)
 
     async def infill(self, request: Request) -> Response:
-        image, source, params, template = await self._read_form(request, need_template=True)
-        result = await run_in_threadpool(self.run_model, image, params, template)
-        result["template"] = template
-        result["image"] = {"source": source, "width": image.width, "height": image.height}
-        return JSONResponse(result)
+        return await self._answer(request, need_template=True)
 
 
 async def _demo_error(request: Request, exc: Exception) -> Response:
@@ -493,22 +720,32 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = MAX_PIXELS_DEFAULT,
     model_name: str | None = None,
+    max_request_seconds: float = DEFAULT_MAX_REQUEST_SECONDS,
+    max_waiting: int = DEFAULT_MAX_WAITING,
+    cost: RequestCost | None = None,
 ) -> Starlette:
     """The demo as an ASGI app around a loaded ``LaDiC`` model.
 
     ``max_upload_bytes`` caps an uploaded image (the request body may add
     ``FORM_OVERHEAD_BYTES`` for the other fields); ``max_pixels`` caps its decoded size.
+    A request estimated (from ``cost``, measured now with ``measure_cost`` when not given) to take longer than
+    ``max_request_seconds`` is refused; ``max_waiting`` requests may wait behind the running one.
     """
     if max_upload_bytes < 1 or max_pixels < 1:
         raise ValueError("max_upload_bytes and max_pixels must be positive")
+    if not max_request_seconds > 0 or max_waiting < 0:
+        raise ValueError("max_request_seconds must be positive and max_waiting >= 0")
     demo = _Demo(model, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels,
-                 model_name=model_name or type(model).__name__)
+                 model_name=model_name or type(model).__name__, max_request_seconds=max_request_seconds,
+                 max_waiting=max_waiting, cost=cost or measure_cost(model))
     routes = [
         Route("/", demo.index, methods=["GET"]),
         Route("/healthz", demo.healthz, methods=["GET"]),
         Route("/api/config", demo.config, methods=["GET"]),
         Route("/api/examples", demo.examples, methods=["GET"]),
         Route("/api/examples/{name}.jpg", demo.example_thumb, methods=["GET"]),
+        Route("/api/estimate", demo.estimate_endpoint, methods=["GET"]),
+        Route("/api/queue/{request_id}", demo.queue_position, methods=["GET"]),
         Route("/api/caption", demo.caption, methods=["POST"]),
         Route("/api/infill", demo.infill, methods=["POST"]),
     ]
@@ -562,6 +799,7 @@ class RunningServer:
         self.url = _url(host, port).rstrip("/")
 
     def stop(self, timeout: float = 10.0) -> None:
+        _cancel_requests(self.server.config.app, "the demo is shutting down")
         self.server.should_exit = True
         self.thread.join(timeout)
 
@@ -572,13 +810,18 @@ class RunningServer:
         self.stop()
 
 
+def _cancel_requests(app: Any, reason: str) -> int:
+    demo = getattr(getattr(app, "state", None), "demo", None)
+    return demo.queue.cancel_all(reason) if demo is not None else 0
+
+
 def start_in_thread(app: ASGIApp, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> RunningServer:
     """Serve ``app`` from a daemon thread; ``port=0`` picks a free port (see ``.url``)."""
     import uvicorn
 
     sock = _bind(host, port)
     actual_port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ladic-demo", daemon=True)
     thread.start()
@@ -598,9 +841,11 @@ def serve(
     device: str = "cpu",
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_request_seconds: float = DEFAULT_MAX_REQUEST_SECONDS,
     log_level: str = "warning",
 ) -> None:
-    """Load the model (``None``: the shipped default) and serve the demo until Ctrl+C.
+    """Load the model (``None``: the shipped default) and serve the demo until Ctrl+C or SIGTERM (running and
+    waiting requests are cancelled; the server exits within about a second).
 
     Raises ``CheckpointError`` for a bad model folder; exits with a one-line message
     (``SystemExit``) when the address cannot be bound.
@@ -613,7 +858,9 @@ def serve(
     model = LaDiC.from_pretrained(model_path, device=device)
     path = Path(model_path) if model_path is not None else default_model_path()
     name = f"{path.name} (shipped)" if path.resolve() == shipped_model_path(path.name) else str(model_path)
-    app = create_app(model, max_upload_bytes=max_upload_bytes, model_name=name)
+    cost = measure_cost(model)
+    app = create_app(model, max_upload_bytes=max_upload_bytes, model_name=name,
+                     max_request_seconds=max_request_seconds, cost=cost)
     try:
         sock = _bind(host, port)
     except OSError as e:
@@ -622,9 +869,18 @@ def serve(
     if not _is_loopback(host):
         print(f"warning: listening on {host}, not a loopback address: other machines can use this demo",
               file=sys.stderr)
-    print(f"LaDiC demo on {_url(host, actual_port)}  (model: {name}; Ctrl+C to stop)", flush=True)
-    config = uvicorn.Config(app, log_level=log_level, lifespan="off")
-    uvicorn.Server(config).run(sockets=[sock])
+    print(f"LaDiC demo on {_url(host, actual_port)}  (model: {name}; a request is limited to about "
+          f"{max_request_seconds:g} s; one denoiser evaluation of one caption takes "
+          f"{1000 * (cost.per_evaluation_s + cost.per_row_s):.0f} ms here; Ctrl+C to stop)", flush=True)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if _cancel_requests(app, "the demo is shutting down"):
+                print("stopping: cancelled the requests in progress", file=sys.stderr, flush=True)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=1)
+    Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,6 +33,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is left intact."""
 
 
+class ConfigError(ValueError):
+    """A training config that cannot run: a missing file, an unknown or mistyped option, a value out of range."""
+
+
 @dataclass
 class TrainConfig:
     """A training run. Loaded from a JSON/TOML file and ``--set key=value`` overrides."""
@@ -113,18 +117,28 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str] | None = None) -> "TrainConfig":
+        """The file's options, then ``key=value`` overrides (values parsed as JSON, else taken as strings); every
+        option is checked (``check_train_config``). Raises ``ConfigError`` with one line."""
         d: dict[str, Any] = {}
         if path is not None:
-            text = Path(path).read_text()
-            if str(path).endswith(".toml"):
-                import tomllib
+            try:
+                text = Path(path).read_text()
+            except OSError as e:
+                raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+            try:
+                if str(path).endswith(".toml"):
+                    import tomllib
 
-                d = tomllib.loads(text)
-            else:
-                d = json.loads(text)
+                    d = tomllib.loads(text)
+                else:
+                    d = json.loads(text)
+            except ValueError as e:
+                raise ConfigError(f"{path}: not valid {'TOML' if str(path).endswith('.toml') else 'JSON'} ({e})") from None
+            if not isinstance(d, dict):
+                raise ConfigError(f"{path}: a config file holds one object of options")
         for item in overrides or []:
             if "=" not in item:
-                raise ValueError(f"override {item!r} is not key=value")
+                raise ConfigError(f"override {item!r} is not key=value")
             key, value = item.split("=", 1)
             try:
                 parsed = json.loads(value)
@@ -134,11 +148,83 @@ class TrainConfig:
                 d.setdefault("model", {})[key[6:]] = parsed
             else:
                 d[key] = parsed
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown training options: {', '.join(unknown)}")
-        return cls(**d)
+        _check_fields(cls, d, "training option")
+        _check_fields(LaDiCConfig, d.get("model", {}), "model option", "model.")
+        tc = cls(**d)
+        check_train_config(tc)
+        return tc
+
+
+# A field's annotation (a string under postponed evaluation) -> the JSON values it accepts; others are not checked.
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,),
+    "tuple": (list, tuple),
+}
+
+
+def _check_fields(cls: type, d: Any, what: str, prefix: str = "") -> None:
+    """Unknown keys (with the closest known name) and values of the wrong type, as one ``ConfigError`` line."""
+    import difflib
+
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be an object of options")
+    fields = cls.__dataclass_fields__
+    for key, value in d.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown {what} {prefix}{key}{hint}")
+        kinds = [k.strip() for k in str(fields[key].type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        allowed = tuple(t for k in kinds for t in _TYPES.get(k.split("[")[0], ()))
+        bad_bool = isinstance(value, bool) and bool not in allowed
+        if allowed and (bad_bool or not isinstance(value, allowed)):
+            raise ConfigError(f"{prefix}{key} must be {' or '.join(kinds)}, got {value!r}")
+
+
+_CHOICES = {
+    "model_type": ("ladic", "ar"), "optimizer": ("adamw", "sgd"), "distill_select": ("mbr", "references"),
+    "distill_dangling": ("keep", "reference"), "references": ("all", "consensus"),
+}
+_AT_LEAST = {
+    "batch_size": 1, "max_steps": 0, "save_every": 1, "eval_every": 0, "val_images": 0, "val_steps": 1, "log_every": 1,
+    "stats_captions": 1, "distill_beams": 1, "distill_mbr": 1, "distill_pool_beams": 1, "reward_samples": 1,
+    "num_scenes": 1, "scene_size": 8, "scene_max_objects": 1, "scene_captions": 0, "train_images": 1,
+}
+
+
+def check_train_config(tc: TrainConfig) -> None:
+    """Values a run cannot use, as one ``ConfigError`` line, before anything loads."""
+    from ladic.config import PRESETS
+
+    if tc.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {tc.preset!r}; choose from {', '.join(PRESETS)}")
+    for key, choices in _CHOICES.items():
+        if getattr(tc, key) not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {getattr(tc, key)!r}")
+    for key, low in _AT_LEAST.items():
+        value = getattr(tc, key)
+        if value is not None and value < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value}")
+    for key in ("lr", "reward_temperature"):
+        if not getattr(tc, key) > 0:
+            raise ConfigError(f"{key} must be > 0, got {getattr(tc, key)}")
+    for key in ("warmup_ratio", "ema_decay", "distill_noise_prob"):
+        if not 0 <= getattr(tc, key) <= 1:
+            raise ConfigError(f"{key} must be in [0, 1], got {getattr(tc, key)}")
+    for key in ("weight_decay", "grad_clip", "reward_weight", "reward_supervised_weight"):
+        if not getattr(tc, key) >= 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(tc, key)}")
+    if tc.data not in ("flickr8k", "scenes"):
+        if not Path(tc.data).is_file():
+            raise ConfigError(f"data {tc.data!r}: not 'flickr8k', 'scenes' or a caption JSON file")
+        if tc.image_root is None or not Path(tc.image_root).is_dir():
+            raise ConfigError(f"image_root must name the image folder of the caption JSON {tc.data}, got {tc.image_root!r}")
+    for key in ("init_from", "distill_from", "distill_pool_from"):
+        folder = getattr(tc, key)
+        if folder is not None and not Path(folder, "config.json").is_file():
+            raise ConfigError(f"{key} {folder!r}: not a model folder (no config.json there)")
 
 
 # ---------------------------------------------------------------------------- model config
