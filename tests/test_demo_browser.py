@@ -112,3 +112,58 @@ def test_bad_upload_shows_the_error_line(server, page, tmp_path):
     assert resp_info.value.status == 400
     page.wait_for_selector("#error:not(:empty)")
     assert page.inner_text("#error").strip() == "notes.jpg: not an image (cannot identify image file)"
+
+
+def _until(predicate, timeout: float = 30.0) -> None:
+    """Poll from Python (the page's CSP forbids the eval that wait_for_function needs)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_page_shows_the_limit_and_estimate(server, page):
+    page.goto(server.url + "/")
+    page.wait_for_selector("#examples button")
+    assert "limited to about 5 s" in page.inner_text("#model-name")
+    _until(lambda: page.inner_text("#estimate").startswith("Estimated"))
+    page.fill("#steps", "1000")
+    page.fill("#mbr", "16")
+    page.fill("#samples", "8")
+    page.wait_for_selector("#estimate.over")
+    assert "lower steps, MBR candidates or captions" in page.inner_text("#estimate")
+    page.click("#examples button[data-example='coffee']")
+    with page.expect_response("**/api/caption") as resp_info:
+        page.click("#caption-btn")
+    assert resp_info.value.status == 400
+    page.wait_for_selector("#error:not(:empty)")
+    assert "over the 5 s limit" in page.inner_text("#error")
+
+
+def test_stop_button_cancels_the_work_on_the_server(tiny_model, page):
+    import httpx
+
+    from ladic.demo import RequestCost
+
+    app = create_app(tiny_model, cost=RequestCost(0.0, 0.0, 0.0), max_request_seconds=3600)
+    with start_in_thread(app) as srv:
+        page.goto(srv.url + "/")
+        page.wait_for_selector("#examples button[data-example='coffee']")
+        page.click("#examples button[data-example='coffee']")
+        page.fill("#steps", "1000")
+        page.fill("#mbr", "16")
+        page.fill("#samples", "8")
+        page.click("#caption-btn")
+        page.wait_for_selector("#stop-btn:not([hidden])")
+        _until(lambda: page.inner_text("#status") == "Denoising…")
+        page.click("#stop-btn")
+        _until(lambda: page.inner_text("#status") == "Stopped.")
+
+        def cancelled() -> bool:
+            health = httpx.get(srv.url + "/healthz").json()
+            return health["cancelled"] == 1 and not health["busy"]
+
+        _until(cancelled)
+        assert page.inner_text("#error").strip() == ""
