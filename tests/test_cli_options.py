@@ -74,6 +74,11 @@ def test_model_dependent_ranges_after_loading(tmp_path):
                            timeout=300)
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert r.returncode == 2 and lines == [lines[0]] and message in lines[0], r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "ladic.cli", "caption", str(photo), "--no-progress", "--length", "20"],
+                       capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert r.returncode == 0 and len(r.stdout.split("\t")[1].split()) >= 10, r.stderr[-2000:]
+    assert r.stderr.splitlines()[0] == ("warning: --length 20 is longer than 99 % of this model's training captions "
+                                        "(at most 17 word pieces): expect a broken sentence")
 
 
 def test_the_api_refuses_zero_steps_and_negative_guidance(tiny_model):

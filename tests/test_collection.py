@@ -105,7 +105,7 @@ def test_cli_jsonl_streams_one_object_per_photo(model_dir, folder, tmp_path, cap
     assert captured.out.splitlines() == [f"{r['file']}\t{r['caption']}" for r in records]
     errors = sorted(line for line in captured.err.splitlines() if line.startswith("error: "))
     assert errors == sorted(f"error: {f}: {reason}" for f, reason in bad.items())
-    assert f"captioned {len(good)}, failed {len(bad)}, skipped 0 in " in captured.err
+    assert f"captioned {len(good)}, failed {len(bad)} in " in captured.err  # nothing to resume, no left-out files
     assert not list(tmp_path.glob("captions.jsonl.part-*"))
 
 
@@ -125,12 +125,12 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(model_dir, folder, tmp_
     assert main([*args, "--out", str(killed), "--resume"]) == 1
     err = capsys.readouterr().err
     assert killed.read_bytes() == reference  # no duplicate, no missing photo, same order
-    assert f"captioned {len(lines) - 2}, failed {len(bad)}, skipped 2 in " in err
+    assert f"captioned {len(lines) - 2}, failed {len(bad)}, 2 already in {killed} in " in err
 
     # resuming a finished run captions nothing and changes nothing
     assert main([*args, "--out", str(killed), "--resume"]) == 1
     assert killed.read_bytes() == reference
-    assert f"captioned 0, failed {len(bad)}, skipped {len(lines)} in " in capsys.readouterr().err
+    assert f"captioned 0, failed {len(bad)}, {len(lines)} already in {killed} in " in capsys.readouterr().err
 
     # a COCO .json output resumes from the working file a killed run left behind
     coco = tmp_path / "results.json"

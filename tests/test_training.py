@@ -1,6 +1,7 @@
 """Training: DDP on 2 CPU processes equals one process; SIGKILL + resume is exact; NaN stops cleanly."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -113,6 +114,11 @@ def test_init_from_a_model_folder(tmp_path):
     first = train(TrainConfig.load(None, COMMON + [f"out_dir={tmp_path / 'a'}", "max_steps=2"]))
     start = train(TrainConfig.load(None, COMMON + [f"out_dir={tmp_path / 'b'}", "max_steps=0", f"init_from={first}"]))
     a, b = load_model(first), load_model(start)
+    from ladic.data.scenes import make_scenes
+
+    lengths = sorted(min(len(a.text.tokenizer.tokenize(c)), a.config.max_length - 2)
+                     for s in make_scenes(64, seed=0, size=32, max_objects=1) for c in s.captions)
+    assert a.config.trained_length_p99 == lengths[math.ceil(0.99 * (len(lengths) - 1))] >= 3  # stored with the model
     sa, sb = a.trainable_state_dict(), b.trainable_state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert torch.equal(a.text.latent_std, b.text.latent_std) and torch.equal(a.text.latent_mean, b.text.latent_mean)

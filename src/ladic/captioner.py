@@ -495,7 +495,9 @@ class LaDiC(Captioner):
                 Gu et al. 2018) instead of the MBR choice. One teacher-forced pass of that model over the k candidates.
             mbr_lengths: for a length-conditioned model, "top": MBR candidate j is sampled at the j-th most likely
                 length; "predicted": all at the most likely length (default from the config, "top").
-            length: ask for exactly this many word-piece tokens (no word then repeats the one before it).
+            length: ask for exactly this many word-piece tokens (no word then repeats the one before it). Beyond
+                ``config.trained_length_p99`` (longer than 99 % of the training captions; 17 for the shipped models)
+                the model has seldom seen such captions and mostly returns word salad of that length.
             generator / seed: randomness; the same seed gives the same captions, whatever the batch.
             keys: one stable string per image for its noise (default: a hash of its pixels).
             clamp: snap every intermediate estimate to the latents of its decoded tokens (Diffusion-LM's

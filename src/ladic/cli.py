@@ -56,6 +56,10 @@ def _check_against_model(args: argparse.Namespace, model) -> None:
     length = getattr(args, "length", None)
     if length is not None and hasattr(model, "diffuser") and length > cfg.max_length - 2:
         raise UsageError(f"--length must be at most {cfg.max_length - 2} word pieces for this model, got {length}")
+    p99 = getattr(cfg, "trained_length_p99", 0)
+    if length is not None and p99 and length > p99:
+        print(f"warning: --length {length} is longer than 99 % of this model's training captions (at most {p99} word "
+              f"pieces): expect a broken sentence", file=sys.stderr)
     steps = getattr(args, "steps", None)
     if steps is not None and hasattr(model, "diffuser") and steps > cfg.num_train_timesteps:
         raise UsageError(f"--steps must be at most {cfg.num_train_timesteps} for this model, got {steps}")
@@ -120,13 +124,15 @@ def _example_images() -> list[tuple[str, object]]:
             for name in EXAMPLES]
 
 
-def _collect_photos(args: argparse.Namespace, show_notes: bool) -> tuple[list, list[str]]:
-    """The photos to caption (input order, each file once) and the paths that failed to list."""
+def _collect_photos(args: argparse.Namespace, show_notes: bool) -> tuple[list, list[str], int]:
+    """The photos to caption (input order, each file once), the paths that failed to list, and how many entries of
+    the given folders were left out (not image files; each gets a ``note:`` line)."""
     from ladic.collection import Photo, unique_image_ids
     from ladic.image_io import iter_image_files
 
     photos: dict[str, Photo] = {}
     errors: list[str] = []
+    left_out = 0
     if args.examples:
         for name, img in _example_images():
             photos[f"skimage.data.{name}"] = Photo(name, f"skimage.data.{name}", img)
@@ -134,11 +140,13 @@ def _collect_photos(args: argparse.Namespace, show_notes: bool) -> tuple[list, l
         files, errs = iter_image_files(p, recursive=args.recursive)
         errors += [str(e) for e in errs if "skipped" not in e.reason or Path(p).is_file()]
         for e in errs:
-            if "skipped" in e.reason and show_notes:
-                print(f"note: {e}", file=sys.stderr)
+            if "skipped" in e.reason and not Path(p).is_file():
+                left_out += 1
+                if show_notes:
+                    print(f"note: {e}", file=sys.stderr)
         for f in files:
             photos.setdefault(str(f), Photo.from_path(f))
-    return unique_image_ids(list(photos.values())), errors
+    return unique_image_ids(list(photos.values())), errors, left_out
 
 
 class _Processes:
@@ -207,13 +215,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
         except ResultsFileError as e:
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             return 2
-    photos, errors = _collect_photos(args, show_notes=procs.rank == 0)
+    photos, errors, left_out = _collect_photos(args, show_notes=procs.rank == 0)
     if not photos and not errors:
         print("error: no images given (pass files or folders, or --examples)", file=sys.stderr)
         return 2
     procs.start()
     try:
-        return _caption_collection(args, photos, errors if procs.rank == 0 else [], procs)
+        return _caption_collection(args, photos, errors if procs.rank == 0 else [], procs, left_out)
     finally:
         procs.stop()
 
@@ -230,7 +238,8 @@ def _run_settings(args: argparse.Namespace) -> dict:
             "length": args.length, "rerank": args.rerank_model if args.rerank else None}
 
 
-def _caption_collection(args: argparse.Namespace, photos: list, errors: list[str], procs: _Processes) -> int:
+def _caption_collection(args: argparse.Namespace, photos: list, errors: list[str], procs: _Processes,
+                        left_out: int = 0) -> int:
     """Caption this process's shard of ``photos``, streaming results to stdout and ``--out``."""
     import time
 
@@ -286,16 +295,18 @@ def _caption_collection(args: argparse.Namespace, photos: list, errors: list[str
     if store:
         store.close()
     procs.barrier()
-    captioned, failed, skipped = procs.sum([counts["captioned"], counts["failed"] + len(errors), len(mine) - len(todo)])
+    captioned, failed, kept = procs.sum([counts["captioned"], counts["failed"] + len(errors), len(mine) - len(todo)])
     if store and procs.rank == 0:
         store.finalize({p.file: i for i, p in enumerate(photos)}, args.resume)
     if procs.rank == 0:
         seconds = time.perf_counter() - start
-        print(f"captioned {captioned}, failed {failed}, skipped {skipped} in {seconds:.1f} s"
+        also = f", {kept} already in {args.out}" if args.resume else ""
+        also += f", {left_out} not image files (see the notes)" if left_out else ""
+        print(f"captioned {captioned}, failed {failed}{also} in {seconds:.1f} s"
               f" ({captioned / seconds:.2f} photos/s; main process: waiting for photos {stats.waiting_for_photos:.1f} s,"
               f" encoding {stats.encoding:.1f} s, captioning {stats.captioning:.1f} s)", file=sys.stderr)
         if failed:
-            print(f"{failed} of {failed + captioned + skipped} inputs failed", file=sys.stderr)
+            print(f"{failed} of {failed + captioned + kept} inputs failed", file=sys.stderr)
     return 1 if failed else 0
 
 

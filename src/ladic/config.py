@@ -77,6 +77,9 @@ class LaDiCConfig:
     # V' > 0: the LM head scores only V' word pieces (those of the training captions; stored with the weights).
     # Set by ``Captioner.restrict_output_vocab`` / ``ladic train`` with ``restrict_vocab``; 0 = all word pieces.
     output_vocab_size: int = 0
+    # The 99th percentile of the training captions' lengths in word pieces (set by ``ladic train``; 0 = unknown). A
+    # caption asked longer than this (``length=``) comes out as word salad more often than not.
+    trained_length_p99: int = 0
     # Sampling defaults.
     num_inference_steps: int = 5
     guidance_scale: float = 1.0  # w

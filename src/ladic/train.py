@@ -282,6 +282,12 @@ def init_distributed() -> tuple[Dist, torch.device]:
 
 
 # ---------------------------------------------------------------------------- data
+def length_percentile(ids: torch.Tensor, q: float) -> int:
+    """(N, L) padded token ids of [CLS] caption [SEP] -> the q-quantile of the captions' lengths in word pieces."""
+    lengths = (ids != 0).sum(dim=1) - 2  # BERT's [PAD] is id 0
+    return int(torch.quantile(lengths.float(), q, interpolation="higher"))
+
+
 def load_datasets(tc: TrainConfig, model: LaDiC, progress: bool) -> tuple[FeatureSet, FeatureSet | None, list | None]:
     """Build (train features, val features, val images for scenes)."""
     from ladic.data.captions import load_flickr8k, load_karpathy
@@ -478,6 +484,8 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(tc, s))
     if tc.restrict_vocab and not model.text.output_vocab_size:  # (an init_from folder may bring its own)
         model.restrict_output_vocab(train_set.ids)
+    if hasattr(model.config, "trained_length_p99"):
+        model.config = model.config.replace(trained_length_p99=length_percentile(train_set.ids, 0.99))
     ema = {k: v.detach().clone().float() if v.is_floating_point() else v.clone()
            for k, v in model.trainable_state_dict().items()}
     image_keys = trajectory_keys(tc, model, train_set)
