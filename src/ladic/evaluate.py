@@ -225,7 +225,10 @@ def evaluate_cli(args: argparse.Namespace) -> int:
                                           sampling, overrides, **metric_kw)
             if args.save_results:
                 Path(args.save_results).write_text(json.dumps([{"image_id": k, "caption": v} for k, v in results.items()], indent=1))
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except FileNotFoundError as e:
+        print(f"error: {e.filename}: file not found" if e.filename else f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = res.to_json()
