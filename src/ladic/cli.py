@@ -370,6 +370,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"--restrict-vocab {args.restrict_vocab}: not 'flickr8k' or a caption JSON file")
     if not src.is_dir():
         raise UsageError(f"{src}: no such folder")
+    if args.onnx and (args.fp16 or args.raw):
+        raise UsageError("--onnx writes fp32 graphs of the folder's weights; --fp16 and --raw do not apply to it yet")
     if (src / CONFIG_NAME).is_file():  # a model folder: re-export it (e.g. with a restricted vocabulary)
         model, what = load_model(src), "weights"
     elif not (src / "train_config.json").is_file():
@@ -393,6 +395,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         captions = [c for r in records for c in r.captions]
         model.restrict_output_vocab(model.text.tokenize(captions)["input_ids"])
         what += f", output vocabulary restricted to the {model.text.output_vocab_size} word pieces of {len(captions)} training captions"
+    if args.onnx:
+        from ladic.onnx_export import ExportError, export_onnx
+
+        try:
+            export_onnx(model.float(), args.out)
+        except ExportError as e:
+            raise UsageError(f"{src}: {e}") from None
+        print(f"exported {what} of {src} as ONNX to {args.out}")
+        return 0
     model.save_pretrained(args.out, dtype=torch.float16 if args.fp16 else None)
     print(f"exported {what} of {src} to {args.out}")
     return 0
@@ -470,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let the LM head score only the word pieces of DATA's train captions ('flickr8k' or a "
                         "Karpathy/BLIP caption JSON): same captions, a fraction of the output layer's cost")
     p.add_argument("--image-root", help="image folder of a caption JSON (only its captions are read)")
+    p.add_argument("--onnx", action="store_true",
+                   help="write ONNX graphs instead (a one-step model such as the shipped default): image_encoder.onnx, "
+                        "captioner.onnx, the tokenizer and onnx_config.json, for ONNX Runtime (ladic.onnx_export)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="caption metrics for a results file or a model on a dataset split")

@@ -1,0 +1,187 @@
+"""ONNX export of a one-step LaDiC captioner (issue 30): one network evaluation is one graph.
+
+Two graphs, written by ``export_onnx`` into a folder next to the tokenizer's vocabulary and a settings JSON:
+
+* ``image_encoder.onnx``: pixels (B, 3, S, S), already resized and normalised as ``ImageEncoder.preprocess``
+  does -> image tokens (B, N, D_img).
+* ``captioner.onnx``: image tokens (B, N, D_img) and the standard-normal noise (B, L, D) of x_T -> token ids
+  (B, L): the length prediction and its template, the one denoiser call at t = T - 1 (with classifier-free
+  guidance where the model uses it), the upper BERT half, the LM head and the decoding rules of
+  ``LaDiC._decode_ids``, written densely over (B, L, V') so that the graph has no data-dependent shapes.
+
+The noise stays an input: ``LaDiC.generate`` draws each photo's noise from a generator seeded by the run seed
+and a hash of the photo's pixels (``ladic.photo_seed``), and ``OnnxCaptioner`` draws the same, so its captions equal
+the PyTorch captions for the same photo and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ENCODER_FILE = "image_encoder.onnx"
+CAPTIONER_FILE = "captioner.onnx"
+SETTINGS_FILE = "onnx_config.json"
+TOKENIZER_DIR = "tokenizer"
+VOCAB_FILE = "vocab.json"  # id -> word piece, for runtimes without the transformers tokenizer (a browser page)
+OPSET = 17
+
+
+class ExportError(ValueError):
+    """A model (or sampler setting) this export does not cover; the message is one line."""
+
+
+class OneStepGraph(nn.Module):
+    """The one-step sampler of a LaDiC model as a traceable module: (B, N, D_img) tokens + (B, L, D) noise -> (B, L) ids.
+
+    Equal to ``LaDiC.generate(tokens, num_inference_steps=1)`` with its other sampling settings from the model's
+    config, when ``noise`` is the standard-normal draw the sampler makes (``ladic.photo_seed``).
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        if not hasattr(model, "diffuser"):
+            raise ExportError("not a LaDiC model (the AR baseline's step graph is not exported)")
+        cfg = model.config
+        problems = [name for name, bad in ((f"{cfg.num_inference_steps} steps", cfg.num_inference_steps != 1),
+                                           ("Back&Refine", cfg.back_and_refine)) if bad]
+        if problems:
+            raise ExportError(f"this model samples with {' and '.join(problems)}; the ONNX export covers one-step "
+                              f"models (the shipped default, ladic-1step-flickr8k)")
+        self.model = model
+        # token id -> output-space index (TextSpace.output_index as a lookup table: ONNX has no searchsorted)
+        self.register_buffer("output_index", model.text.output_index(torch.arange(model.text.tokenizer.vocab_size)),
+                             persistent=False)
+        self.noise_factor = float(model._sampling_diffusion().noise_factor)
+        self.t = int(model.diffusion.inference_timesteps(1)[0])
+
+    def _template(self, lengths: torch.Tensor, length: int) -> torch.Tensor:
+        """``LaDiC.length_template``'s given ids (B, L) for lengths (B,): [CLS] words(-1) [SEP] [PAD]..."""
+        tok = self.model.text.tokenizer
+        pos = torch.arange(length, device=lengths.device)[None]
+        n = lengths[:, None]
+        given = torch.where(pos == n + 1, tok.sep_token_id, torch.where(pos > n, tok.pad_token_id, -1))
+        return torch.where(pos == 0, tok.cls_token_id, given)
+
+    def _decode(self, x0: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
+        """``LaDiC._decode_ids(x0, free, given, no_dangling_end)`` over all positions at once (B, L, V')."""
+        m, text = self.model, self.model.text
+        logits = text.logits(x0)
+        if given is None:
+            return text.token_ids(logits.argmax(-1))
+        free = given < 0
+        banned = text.to_output_space(text.not_a_word)[None, None].expand_as(logits)
+        if m.config.no_dangling_end:
+            last = (given.roll(-1, dims=1) == text.tokenizer.sep_token_id) & free
+            banned = banned | (last[..., None] & text.to_output_space(text.function_word)[None, None])
+        for neighbour in (given.roll(1, dims=1), given.roll(-1, dims=1)):
+            index = self.output_index[neighbour.clamp(min=0)]
+            same = nn.functional.one_hot(index, logits.shape[-1]).bool() & (neighbour >= 0)[..., None]
+            banned = banned | same
+        best = text.token_ids(logits.masked_fill(banned, float("-inf")).argmax(-1))
+        return torch.where(free, best, given)
+
+    def forward(self, image_tokens: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        from ladic.sampling import guided_denoiser
+
+        m, cfg = self.model, self.model.config
+        b, length, _ = noise.shape
+        ctx = m.diffuser.image_context(image_tokens)
+        given = None
+        if cfg.length_conditioning:
+            lengths = m.diffuser.predict_length(ctx).argmax(-1)
+            given = self._template(lengths, length)
+            ctx = m.diffuser.add_length(ctx, lengths.clamp(max=cfg.max_length - 2))
+        t = torch.full((b,), self.t, dtype=torch.long, device=noise.device)
+        x0 = guided_denoiser(m.diffuser, ctx, cfg.guidance_scale)(self.noise_factor * noise, t, torch.zeros_like(noise))
+        if given is not None:
+            x0 = x0.masked_fill((given >= 0)[..., None], 0.0)  # the template's given latents are zeros
+        return self._decode(x0, given)
+
+
+def export_onnx(model: Any, out: str | Path, batch_size: int = 2) -> Path:
+    """Write ``model`` (a one-step LaDiC) as ONNX into the folder ``out``; returns it. Raises ``ExportError``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    enc = model.image_encoder
+    pixels = torch.zeros(batch_size, 3, enc.image_size, enc.image_size)
+    graph = OneStepGraph(model).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python values it records as constants
+        tokens = enc(pixels)
+        noise = torch.zeros(batch_size, model.config.max_length, model.text.dim)
+        torch.onnx.export(enc, (pixels,), str(out / ENCODER_FILE), input_names=["pixels"], output_names=["tokens"],
+                          dynamic_axes={"pixels": {0: "batch"}, "tokens": {0: "batch"}}, opset_version=OPSET,
+                          dynamo=False)
+        torch.onnx.export(graph, (tokens, noise), str(out / CAPTIONER_FILE), input_names=["tokens", "noise"],
+                          output_names=["ids"], dynamic_axes={"tokens": {0: "batch"}, "noise": {0: "batch"},
+                                                              "ids": {0: "batch"}},
+                          opset_version=OPSET, dynamo=False)
+    tok = model.text.tokenizer
+    tok.save_pretrained(str(out / TOKENIZER_DIR))
+    (out / VOCAB_FILE).write_text(json.dumps(tok.convert_ids_to_tokens(list(range(len(tok))))))
+    settings = {
+        "image_size": enc.image_size, "mean": list(enc.mean), "std": list(enc.std), "image_encoder": enc.name,
+        "max_length": model.config.max_length, "latent_dim": model.text.dim, "noise_factor": graph.noise_factor,
+        "special_ids": sorted(set(model.text.special_ids)), "cls_token_id": tok.cls_token_id,
+        "sep_token_id": tok.sep_token_id, "pad_token_id": tok.pad_token_id, "collapse_repeats": True, "opset": OPSET,
+    }
+    (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+    return out
+
+
+class OnnxCaptioner:
+    """Captions with an ``export_onnx`` folder through ONNX Runtime: the same captions as ``LaDiC.caption`` for the
+    same photos and seed."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        folder = Path(folder)
+        self.settings = json.loads((folder / SETTINGS_FILE).read_text())
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.encoder = ort.InferenceSession(str(folder / ENCODER_FILE), opts, providers=["CPUExecutionProvider"])
+        self.captioner = ort.InferenceSession(str(folder / CAPTIONER_FILE), opts, providers=["CPUExecutionProvider"])
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
+
+    def encode(self, images: Sequence[Any]) -> Any:
+        """PIL images -> image tokens (B, N, D_img) as a numpy array."""
+        from ladic.image_encoders import pixels
+
+        s = self.settings
+        x = pixels(list(images), s["image_size"], tuple(s["mean"]), tuple(s["std"])).numpy()
+        return self.encoder.run(["tokens"], {"pixels": x})[0]
+
+    def caption(self, images: Sequence[Any], seed: int = 0) -> list[str]:
+        """Caption PIL images (or anything ``ladic.image_io.load_images`` reads) with the run seed ``seed``."""
+        from ladic.image_io import load_images
+        from ladic.photo_seed import photo_generator, pixel_key
+        from ladic.sampling import gaussian_noise
+
+        loaded = load_images(list(images))
+        bad = next((e for e in loaded if isinstance(e, Exception)), None)
+        if bad is not None:
+            raise bad
+        s = self.settings
+        generators = [photo_generator(seed, pixel_key(im)) for im in loaded]
+        noise = gaussian_noise((len(loaded), s["max_length"], s["latent_dim"]), generators).numpy()
+        ids = self.captioner.run(["ids"], {"tokens": self.encode(loaded), "noise": noise})[0]
+        return [self.decode(row) for row in ids.tolist()]
+
+    def decode(self, ids: list[int]) -> str:
+        """``TextSpace.ids_to_text`` for one row: specials erased, repeated word pieces collapsed."""
+        special = set(self.settings["special_ids"])
+        kept = [i for i in ids if i not in special]
+        if self.settings["collapse_repeats"]:
+            kept = [i for j, i in enumerate(kept) if j == 0 or kept[j - 1] != i]
+        return self.tokenizer.decode(kept, clean_up_tokenization_spaces=True).strip()

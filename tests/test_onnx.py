@@ -1,0 +1,61 @@
+"""ONNX export of a one-step model (ladic.onnx_export): ONNX Runtime gives the PyTorch captions, ids for ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("onnxruntime")
+
+from ladic import LaDiC, preset  # noqa: E402
+from ladic.onnx_export import ExportError, OneStepGraph, OnnxCaptioner, export_onnx  # noqa: E402
+
+
+def _one_step_model(**overrides) -> LaDiC:
+    torch.manual_seed(0)
+    cfg = preset("tiny", num_inference_steps=1, back_and_refine=False, length_conditioning=True, **overrides)
+    model = LaDiC(cfg).eval()
+    captions = ["a dog runs on the grass", "two people sit on a bench", "a red car is parked near a tree"]
+    model.restrict_output_vocab(model.text.tokenize(captions)["input_ids"])  # the lookup that replaces searchsorted
+    return model
+
+
+def _photos(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (40 + 7 * i, 64, 3), dtype=np.uint8)) for i in range(n)]
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.0])
+def test_onnx_runtime_captions_equal_pytorch(tmp_path, guidance):
+    model = _one_step_model(guidance_scale=guidance)
+    export_onnx(model, tmp_path / "onnx")
+    runtime = OnnxCaptioner(tmp_path / "onnx", threads=1)
+    photos = _photos(7)
+    for seed in (0, 3):
+        assert runtime.caption(photos, seed=seed) == model.caption(photos, seed=seed)
+    # the graph itself, ids for ids, on image tokens and noise given directly
+    tokens, noise = model.image_encoder.encode(photos), torch.randn(7, model.config.max_length, model.text.dim)
+    with torch.no_grad():
+        eager = OneStepGraph(model)(tokens, noise)
+    ort_ids = runtime.captioner.run(["ids"], {"tokens": tokens.numpy(), "noise": noise.numpy()})[0]
+    assert np.array_equal(ort_ids, eager.numpy())
+    assert (ort_ids[:, 0] == model.text.tokenizer.cls_token_id).all()
+
+
+def test_export_refuses_what_it_does_not_cover(tmp_path):
+    with pytest.raises(ExportError, match="5 steps and Back&Refine"):
+        export_onnx(LaDiC(preset("tiny", num_inference_steps=5, back_and_refine=True)), tmp_path / "x")
+
+
+def test_cli_export_onnx(tmp_path, capsys):
+    from ladic.cli import main
+
+    model = _one_step_model()
+    model.save_pretrained(tmp_path / "model")
+    assert main(["export", str(tmp_path / "model"), str(tmp_path / "onnx"), "--onnx"]) == 0
+    assert "as ONNX to" in capsys.readouterr().out
+    assert OnnxCaptioner(tmp_path / "onnx").caption(_photos(2), seed=1) == model.caption(_photos(2), seed=1)
+    assert main(["export", str(tmp_path / "model"), str(tmp_path / "o2"), "--onnx", "--fp16"]) == 2
+    assert "--fp16 and --raw do not apply" in capsys.readouterr().err
