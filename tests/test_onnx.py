@@ -59,3 +59,30 @@ def test_cli_export_onnx(tmp_path, capsys):
     assert OnnxCaptioner(tmp_path / "onnx").caption(_photos(2), seed=1) == model.caption(_photos(2), seed=1)
     assert main(["export", str(tmp_path / "model"), str(tmp_path / "o2"), "--onnx", "--fp16"]) == 2
     assert "--fp16 and --raw do not apply" in capsys.readouterr().err
+
+
+def test_cli_caption_with_the_onnx_runtime(tmp_path, monkeypatch, capsys):
+    """`ladic caption --runtime onnx`: the model folder is exported once into the cache; captions, results files and
+    bad inputs behave as with PyTorch."""
+    from ladic.cli import main
+
+    monkeypatch.setenv("LADIC_CACHE", str(tmp_path / "cache"))
+    _one_step_model().save_pretrained(tmp_path / "model")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, im in enumerate(_photos(5)):
+        im.save(photos / f"p{i}.png")
+    (photos / "broken.jpg").write_bytes(b"not a photo")
+    common = ["caption", str(photos), "--model", str(tmp_path / "model"), "--no-progress", "--workers", "0",
+              "--batch-size", "2", "--seed", "4"]
+    assert main(common) == 1
+    torch_out = capsys.readouterr()
+    assert main([*common, "--runtime", "onnx", "--out", str(tmp_path / "r.jsonl")]) == 1
+    onnx_out = capsys.readouterr()
+    assert onnx_out.out == torch_out.out and len(onnx_out.out.splitlines()) == 5
+    assert "broken.jpg: not an image" in onnx_out.err
+    assert len(list((tmp_path / "cache" / "onnx").glob("model-*/captioner.onnx"))) == 1
+    assert main([*common, "--runtime", "onnx", "--out", str(tmp_path / "r.jsonl"), "--resume"]) == 1
+    assert "captioned 0, failed 1, 5 already in" in capsys.readouterr().err
+    assert main([*common, "--runtime", "onnx", "--steps", "3"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --runtime onnx samples as exported (one step, on the CPU); drop --steps"

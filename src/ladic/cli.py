@@ -30,6 +30,15 @@ def _check_options(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {low} ({what}), got {value}")
+    if getattr(args, "runtime", "torch") == "onnx":
+        given = [flag for flag, value in (("--steps", args.steps not in (None, 1)), ("--guidance", args.guidance),
+                                          ("--back-and-refine", args.back_and_refine), ("--mbr", args.mbr != 1),
+                                          ("--mbr-lengths", args.mbr_lengths), ("--length", args.length),
+                                          ("--trajectory", args.trajectory), ("--rerank", args.rerank),
+                                          ("--clamp", args.clamp is not None), ("--device", args.device != "cpu"),
+                                          ("--full", args.full)) if value not in (None, False)]
+        if given:
+            raise UsageError(f"--runtime onnx samples as exported (one step, on the CPU); drop {', '.join(given)}")
     if args.command == "demo":
         if not 0 <= args.port <= 65535:
             raise UsageError(f"--port must be in 0..65535 (0 picks a free port), got {args.port}")
@@ -72,6 +81,19 @@ def _load_model(path: str | None, device: str, args: argparse.Namespace | None =
     if args is not None:
         _check_against_model(args, model)
     return model
+
+
+def _load_onnx(path: str | None):
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise UsageError("--runtime onnx needs ONNX Runtime: pip install onnxruntime") from None
+    from ladic.onnx_export import ExportError, onnx_captioner
+
+    try:
+        return onnx_captioner(path)
+    except ExportError as e:
+        raise UsageError(f"--runtime onnx: {e}") from None
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -235,7 +257,7 @@ def _run_settings(args: argparse.Namespace) -> dict:
         model = str(Path(model).resolve())
     return {"model": model, "steps": args.steps, "guidance": args.guidance, "back_and_refine": args.back_and_refine,
             "mbr": args.mbr, "mbr_lengths": args.mbr_lengths, "seed": args.seed, "clamp": args.clamp,
-            "length": args.length, "rerank": args.rerank_model if args.rerank else None}
+            "length": args.length, "rerank": args.rerank_model if args.rerank else None}  # not the runtime: same captions
 
 
 def _caption_collection(args: argparse.Namespace, photos: list, errors: list[str], procs: _Processes,
@@ -271,7 +293,7 @@ def _caption_collection(args: argparse.Namespace, photos: list, errors: list[str
     show = procs.world == 1
     if todo:
         _quiet_transformers()
-        model = _load_model(args.model, _device(args, procs), args)
+        model = _load_onnx(args.model) if args.runtime == "onnx" else _load_model(args.model, _device(args, procs), args)
         config = CollectionConfig(batch_size=args.batch_size, num_workers=args.workers, draft=args.draft)
         bar = tqdm(total=len(todo), unit="photo", desc="captioning", dynamic_ncols=True,
                    disable=True if procs.rank else None if args.progress is None else not args.progress)
@@ -442,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("caption", help="caption image files or folders")
     p.add_argument("paths", nargs="*", help="image files or folders")
     p.add_argument("--examples", action="store_true", help="caption the sample photos shipped with scikit-image")
+    p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                   help="onnx: run the model through ONNX Runtime (a one-step model; a model folder is exported to ONNX "
+                        "once, into the cache; a folder from 'ladic export --onnx' is used as is); same captions")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
     p.add_argument("--length", type=int, default=None, help="ask for captions of exactly N word pieces")
     p.add_argument("--batch-size", type=int, default=16)

@@ -137,46 +137,81 @@ def export_onnx(model: Any, out: str | Path, batch_size: int = 2) -> Path:
     return out
 
 
+class OnnxImageEncoder:
+    """``image_encoder.onnx`` behind the interface of ``ImageEncoder`` that captioning uses (``preprocess``, a call on
+    pixels, ``image_size``), so ``ladic.collection`` streams photos through it unchanged."""
+
+    def __init__(self, session: Any, settings: dict[str, Any]) -> None:
+        self.session, self.settings = session, settings
+        self.name, self.image_size = settings["image_encoder"], settings["image_size"]
+
+    def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        """PIL images -> (B, 3, S, S) pixels, exactly as the PyTorch encoder preprocesses them."""
+        from ladic.image_encoders import pixels
+
+        return pixels(list(images), self.image_size, tuple(self.settings["mean"]), tuple(self.settings["std"]))
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> image tokens (B, N, D_img)."""
+        return torch.from_numpy(self.session.run(["tokens"], {"pixels": pixel_values.cpu().numpy()})[0])
+
+    def encode(self, images: Sequence[Any]) -> torch.Tensor:
+        return self(self.preprocess(images))
+
+
 class OnnxCaptioner:
     """Captions with an ``export_onnx`` folder through ONNX Runtime: the same captions as ``LaDiC.caption`` for the
-    same photos and seed."""
+    same photos and seed. ``generate`` takes image tokens and per-photo keys like ``LaDiC.generate`` (the sampler
+    settings are the exported ones), so ``ladic.collection.caption_files`` works with it."""
+
+    device = torch.device("cpu")
 
     def __init__(self, folder: str | Path, threads: int | None = None) -> None:
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
         folder = Path(folder)
+        self.folder = folder
         self.settings = json.loads((folder / SETTINGS_FILE).read_text())
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        self.encoder = ort.InferenceSession(str(folder / ENCODER_FILE), opts, providers=["CPUExecutionProvider"])
-        self.captioner = ort.InferenceSession(str(folder / CAPTIONER_FILE), opts, providers=["CPUExecutionProvider"])
+        providers = ["CPUExecutionProvider"]
+        self.image_encoder = OnnxImageEncoder(ort.InferenceSession(str(folder / ENCODER_FILE), opts, providers=providers),
+                                              self.settings)
+        self.captioner = ort.InferenceSession(str(folder / CAPTIONER_FILE), opts, providers=providers)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
 
-    def encode(self, images: Sequence[Any]) -> Any:
-        """PIL images -> image tokens (B, N, D_img) as a numpy array."""
-        from ladic.image_encoders import pixels
+    def generate(self, image_tokens: torch.Tensor, keys: Sequence[str], seed: int | None = 0, batch_size: int = 0,
+                 **sampling: Any) -> Any:
+        """Image tokens (B, N, D_img) and one noise key per photo (``ladic.photo_seed.pixel_key``) -> a
+        ``CaptionOutput``. Sampler settings other than the exported ones are refused (``ValueError``)."""
+        from ladic.captioner import CaptionOutput
+        from ladic.photo_seed import photo_generator
+        from ladic.sampling import gaussian_noise
 
+        defaults = {"num_inference_steps": (None, 1), "guidance_scale": (None,), "back_and_refine": (None, False),
+                    "mbr_candidates": (1,), "length": (None,), "return_trajectory": (False,), "clamp": (None,),
+                    "mbr_lengths": (None,), "template": (None,)}
+        changed = [k for k, v in sampling.items() if v not in defaults.get(k, ())]
+        if changed:
+            raise ValueError(f"the ONNX runtime samples as exported (one step); it does not take {', '.join(changed)}")
         s = self.settings
-        x = pixels(list(images), s["image_size"], tuple(s["mean"]), tuple(s["std"])).numpy()
-        return self.encoder.run(["tokens"], {"pixels": x})[0]
+        generators = [photo_generator(seed or 0, key) for key in keys]
+        noise = gaussian_noise((len(keys), s["max_length"], s["latent_dim"]), generators).numpy()
+        ids = self.captioner.run(["ids"], {"tokens": image_tokens.cpu().float().numpy(), "noise": noise})[0]
+        return CaptionOutput(captions=[self.decode(row) for row in ids.tolist()], num_evaluations=1)
 
     def caption(self, images: Sequence[Any], seed: int = 0) -> list[str]:
         """Caption PIL images (or anything ``ladic.image_io.load_images`` reads) with the run seed ``seed``."""
         from ladic.image_io import load_images
-        from ladic.photo_seed import photo_generator, pixel_key
-        from ladic.sampling import gaussian_noise
+        from ladic.photo_seed import pixel_key
 
         loaded = load_images(list(images))
         bad = next((e for e in loaded if isinstance(e, Exception)), None)
         if bad is not None:
             raise bad
-        s = self.settings
-        generators = [photo_generator(seed, pixel_key(im)) for im in loaded]
-        noise = gaussian_noise((len(loaded), s["max_length"], s["latent_dim"]), generators).numpy()
-        ids = self.captioner.run(["ids"], {"tokens": self.encode(loaded), "noise": noise})[0]
-        return [self.decode(row) for row in ids.tolist()]
+        return self.generate(self.image_encoder.encode(loaded), [pixel_key(im) for im in loaded], seed=seed).captions
 
     def decode(self, ids: list[int]) -> str:
         """``TextSpace.ids_to_text`` for one row: specials erased, repeated word pieces collapsed."""
@@ -185,3 +220,32 @@ class OnnxCaptioner:
         if self.settings["collapse_repeats"]:
             kept = [i for j, i in enumerate(kept) if j == 0 or kept[j - 1] != i]
         return self.tokenizer.decode(kept, clean_up_tokenization_spaces=True).strip()
+
+
+def onnx_captioner(path: str | Path | None = None, threads: int | None = None) -> OnnxCaptioner:
+    """An ONNX folder as is, or a LaDiC model folder (``None``: the shipped default) exported once into the cache
+    (``$LADIC_CACHE`` or ``~/.cache/ladic``, under ``onnx/``, keyed by the folder's files). Raises ``ExportError``
+    for a model the export does not cover and ``CheckpointError`` for a bad folder."""
+    import hashlib
+    import os
+    import shutil
+
+    from ladic.captioner import LaDiC, default_model_path
+    from ladic.checkpoint import resolve_model_path
+
+    folder = default_model_path() if path is None else resolve_model_path(path)
+    if (folder / SETTINGS_FILE).is_file():
+        return OnnxCaptioner(folder, threads)
+    h = hashlib.blake2b(digest_size=8)
+    for f in sorted(folder.glob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    cache = Path(os.environ.get("LADIC_CACHE") or Path.home() / ".cache" / "ladic") / "onnx" / f"{folder.name}-{h.hexdigest()}"
+    if not (cache / SETTINGS_FILE).is_file():
+        tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
+        export_onnx(LaDiC.from_pretrained(folder).float(), tmp)
+        try:
+            tmp.rename(cache)
+        except OSError:  # another process (a torchrun rank) exported it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return OnnxCaptioner(cache, threads)
