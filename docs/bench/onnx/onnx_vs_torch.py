@@ -1,0 +1,45 @@
+"""Issue 30: the shipped default through ONNX Runtime against PyTorch, end to end (JPEG decode + encode + caption).
+
+python docs/bench/onnx/onnx_vs_torch.py OUT.json [THREADS]
+Batch 1 over the first 50 Flickr8k val photos, batch 64 over all 1,000; same process, same thread count, one run
+each, alternating; also counts identical captions. Image decoding in the main process (num_workers=0).
+"""
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from ladic import LaDiC
+from ladic.collection import CollectionConfig, caption_files
+from ladic.data.captions import load_flickr8k
+from ladic.onnx_export import onnx_captioner
+
+threads = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+torch.set_num_threads(threads)
+paths = [r.image_path for r in load_flickr8k("val")]
+runtimes = {"torch": LaDiC.from_pretrained(), "onnx": onnx_captioner(threads=threads)}
+
+
+def run(model, photos, batch):
+    t0 = time.perf_counter()
+    caps = [r.caption for r in caption_files(model, photos, config=CollectionConfig(batch_size=batch, num_workers=0), seed=0)]
+    return caps, time.perf_counter() - t0
+
+
+run(runtimes["torch"], paths[:8], 8)  # warm-up
+run(runtimes["onnx"], paths[:8], 8)
+rows, captions = [], {}
+for batch, photos in ((1, paths[:50]), (64, paths)):
+    for name, model in runtimes.items():
+        caps, seconds = run(model, photos, batch)
+        captions[(name, batch)] = caps
+        rows.append({"runtime": name, "batch": batch, "photos": len(photos), "seconds": round(seconds, 2),
+                     "ms_per_photo": round(1000 * seconds / len(photos), 1), "photos_per_s": round(len(photos) / seconds, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+same = sum(a == b for a, b in zip(captions[("torch", 64)], captions[("onnx", 64)]))
+info = {"threads": threads, "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "identical_captions_of_1000": same, "rows": rows}
+print(json.dumps({k: v for k, v in info.items() if k != "rows"}))
+json.dump(info, open(sys.argv[1], "w"), indent=1)
