@@ -86,3 +86,12 @@ def test_cli_caption_with_the_onnx_runtime(tmp_path, monkeypatch, capsys):
     assert "captioned 0, failed 1, 5 already in" in capsys.readouterr().err
     assert main([*common, "--runtime", "onnx", "--steps", "3"]) == 2
     assert capsys.readouterr().err.strip() == "error: --runtime onnx samples as exported (one step, on the CPU); drop --steps"
+
+
+def test_int8_export_is_smaller_and_still_captions(tmp_path):
+    model = _one_step_model()
+    export_onnx(model, tmp_path / "fp32")
+    export_onnx(model, tmp_path / "int8", int8=True)
+    assert (tmp_path / "int8" / "captioner.onnx").stat().st_size < 0.5 * (tmp_path / "fp32" / "captioner.onnx").stat().st_size
+    captions = OnnxCaptioner(tmp_path / "int8").caption(_photos(3))
+    assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)

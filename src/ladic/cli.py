@@ -392,6 +392,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"--restrict-vocab {args.restrict_vocab}: not 'flickr8k' or a caption JSON file")
     if not src.is_dir():
         raise UsageError(f"{src}: no such folder")
+    if args.int8 and not args.onnx:
+        raise UsageError("--int8 applies to --onnx exports")
     if args.onnx and (args.fp16 or args.raw):
         raise UsageError("--onnx writes fp32 graphs of the folder's weights; --fp16 and --raw do not apply to it yet")
     if (src / CONFIG_NAME).is_file():  # a model folder: re-export it (e.g. with a restricted vocabulary)
@@ -421,7 +423,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from ladic.onnx_export import ExportError, export_onnx
 
         try:
-            export_onnx(model.float(), args.out)
+            export_onnx(model.float(), args.out, int8=args.int8)
         except ExportError as e:
             raise UsageError(f"{src}: {e}") from None
         print(f"exported {what} of {src} as ONNX to {args.out}")
@@ -509,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="store_true",
                    help="write ONNX graphs instead (a one-step model such as the shipped default): image_encoder.onnx, "
                         "captioner.onnx, the tokenizer and onnx_config.json, for ONNX Runtime (ladic.onnx_export)")
+    p.add_argument("--int8", action="store_true", help="with --onnx: int8 matrix weights in the captioner graph (about "
+                                                       "a quarter of its size; captions change)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="caption metrics for a results file or a model on a dataset split")

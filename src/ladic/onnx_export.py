@@ -105,8 +105,11 @@ class OneStepGraph(nn.Module):
         return self._decode(x0, given)
 
 
-def export_onnx(model: Any, out: str | Path, batch_size: int = 2) -> Path:
-    """Write ``model`` (a one-step LaDiC) as ONNX into the folder ``out``; returns it. Raises ``ExportError``."""
+def export_onnx(model: Any, out: str | Path, batch_size: int = 2, int8: bool = False) -> Path:
+    """Write ``model`` (a one-step LaDiC) as ONNX into the folder ``out``; returns it. Raises ``ExportError``.
+
+    ``int8``: the captioner graph's matrix weights are stored as int8 (ONNX Runtime's dynamic quantization: about a
+    quarter of the size; captions change, see docs/BENCHMARKS.md); the image encoder stays fp32."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -124,6 +127,13 @@ def export_onnx(model: Any, out: str | Path, batch_size: int = 2) -> Path:
                           output_names=["ids"], dynamic_axes={"tokens": {0: "batch"}, "noise": {0: "batch"},
                                                               "ids": {0: "batch"}},
                           opset_version=OPSET, dynamo=False)
+    if int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        fp32 = out / (CAPTIONER_FILE + ".fp32")
+        (out / CAPTIONER_FILE).rename(fp32)
+        quantize_dynamic(str(fp32), str(out / CAPTIONER_FILE), weight_type=QuantType.QInt8)
+        fp32.unlink()
     tok = model.text.tokenizer
     tok.save_pretrained(str(out / TOKENIZER_DIR))
     (out / VOCAB_FILE).write_text(json.dumps(tok.convert_ids_to_tokens(list(range(len(tok))))))
@@ -132,6 +142,7 @@ def export_onnx(model: Any, out: str | Path, batch_size: int = 2) -> Path:
         "max_length": model.config.max_length, "latent_dim": model.text.dim, "noise_factor": graph.noise_factor,
         "special_ids": sorted(set(model.text.special_ids)), "cls_token_id": tok.cls_token_id,
         "sep_token_id": tok.sep_token_id, "pad_token_id": tok.pad_token_id, "collapse_repeats": True, "opset": OPSET,
+        "captioner_weights": "int8" if int8 else "fp32",
     }
     (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
     return out
@@ -182,14 +193,17 @@ class OnnxCaptioner:
         self.captioner = ort.InferenceSession(str(folder / CAPTIONER_FILE), opts, providers=providers)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
 
-    def generate(self, image_tokens: torch.Tensor, keys: Sequence[str], seed: int | None = 0, batch_size: int = 0,
-                 **sampling: Any) -> Any:
-        """Image tokens (B, N, D_img) and one noise key per photo (``ladic.photo_seed.pixel_key``) -> a
-        ``CaptionOutput``. Sampler settings other than the exported ones are refused (``ValueError``)."""
+    def generate(self, image_tokens: torch.Tensor, keys: Sequence[str] | None = None, seed: int | None = 0,
+                 batch_size: int = 0, progress: bool = False, **sampling: Any) -> Any:
+        """Image tokens (B, N, D_img) and one noise key per photo (``ladic.photo_seed.pixel_key``; default, as
+        ``LaDiC.generate``: a hash of each row of tokens) -> a ``CaptionOutput``. Sampler settings other than the
+        exported ones are refused (``ValueError``)."""
         from ladic.captioner import CaptionOutput
-        from ladic.photo_seed import photo_generator
+        from ladic.photo_seed import photo_generator, tensor_key
         from ladic.sampling import gaussian_noise
 
+        if keys is None:
+            keys = [tensor_key(row) for row in image_tokens]
         defaults = {"num_inference_steps": (None, 1), "guidance_scale": (None,), "back_and_refine": (None, False),
                     "mbr_candidates": (1,), "length": (None,), "return_trajectory": (False,), "clamp": (None,),
                     "mbr_lengths": (None,), "template": (None,)}
