@@ -8,6 +8,7 @@ export, ``export_onnx(..., int8=True)``). Image decoding in the main process (nu
 import json
 import platform
 import sys
+import tempfile
 import time
 
 import torch
@@ -22,7 +23,7 @@ threads = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 torch.set_num_threads(threads)
 records = load_flickr8k("val")
 paths = [r.image_path for r in records]
-int8_dir = export_onnx(LaDiC.from_pretrained().float(), sys.argv[1] + ".int8-export", int8=True)
+int8_dir = export_onnx(LaDiC.from_pretrained().float(), tempfile.mkdtemp(prefix="ladic-onnx-int8-"), int8=True)
 runtimes = {"torch": LaDiC.from_pretrained(), "onnx": onnx_captioner(threads=threads),
             "onnx int8": OnnxCaptioner(int8_dir, threads=threads)}
 
