@@ -255,3 +255,63 @@ def test_training_on_consensus_references(tmp_path):
 
     assert len(scored) == 32 and {k: v for k, v in scored.references.items() if "#" not in k} == full.references
     assert all(scored.references[f"{k}#flip"] == [mirror_caption(c) for c in v] for k, v in full.references.items())
+
+
+def test_official_coco_captions_file(tmp_path):
+    from ladic.data import load_captions
+
+    data = {"info": {}, "images": [{"id": 391895, "file_name": "000000391895.jpg"}, {"id": 7, "file_name": "x.jpg"}],
+            "annotations": [{"image_id": 391895, "id": 1, "caption": "A man riding a bike."},
+                            {"image_id": 391895, "id": 2, "caption": "Someone on a bicycle"},
+                            {"image_id": 7, "id": 3, "caption": None}]}
+    recs = load_captions(_write(tmp_path / "captions_val2017.json", data), tmp_path / "val2017")
+    assert recs == [CaptionRecord("391895", str(tmp_path / "val2017" / "000000391895.jpg"),
+                                  ["a man riding a bike", "someone on a bicycle"], "val")]
+    assert load_captions(_write(tmp_path / "captions.json", data), tmp_path, "train")[0].split == "train"
+
+
+def test_pairs_files_jsonl_csv_and_img2dataset_keys(tmp_path):
+    from ladic.data import load_captions, load_pairs
+
+    lines = [{"image": "a.jpg", "caption": "A dog runs."}, {"image": "a.jpg", "caption": "a brown dog"},
+             {"image": "b.jpg", "caption": 3}, {"image": "c.jpg", "caption": "   "}, {"image": "d.jpg", "caption": "A cat"}]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    with pytest.warns(UserWarning, match=r"skipped 2 of 5 rows .*\(rows 3, 4\)"):
+        recs = load_captions(tmp_path / "pairs.jsonl", tmp_path / "img", "val")
+    assert [(r.image_id, r.captions, r.split) for r in recs] == [("a", ["a dog runs", "a brown dog"], "val"),
+                                                                ("d", ["a cat"], "val")]
+    assert recs[0].image_path == str(tmp_path / "img" / "a.jpg")
+    (tmp_path / "laion.csv").write_text('key,caption,url\n000001,"A red car, parked",http://x\n000002,a tree,http://y\n')
+    recs = load_captions(tmp_path / "laion.csv", tmp_path)
+    assert [(r.image_id, r.image_path, r.captions) for r in recs] == [
+        ("000001", str(tmp_path / "000001.jpg"), ["a red car, parked"]), ("000002", str(tmp_path / "000002.jpg"), ["a tree"])]
+    (tmp_path / "odd.csv").write_text("picture,words\np.jpg,a dog\n")
+    with pytest.raises(ValueError, match="no image column"):
+        load_pairs(tmp_path / "odd.csv", tmp_path)
+    assert load_pairs(tmp_path / "odd.csv", tmp_path, image_column="picture", caption_column="words")[0].captions == ["a dog"]
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.jpg", "caption": "x"}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        load_pairs(tmp_path / "bad.jsonl", tmp_path)
+
+
+def test_training_reads_validation_from_another_file(tmp_path):
+    """val_data: BLIP-style split files, training from one and validation from the other."""
+    import numpy as np
+    from PIL import Image
+
+    from ladic import LaDiC, preset
+    from ladic.train import ConfigError, TrainConfig, load_datasets
+
+    rng = np.random.default_rng(0)
+    for name in ("t1", "t2", "v1"):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{name}.jpg")
+    train = _write(tmp_path / "coco_karpathy_train.json", [{"image": "t1.jpg", "caption": "a red dog"},
+                                                            {"image": "t2.jpg", "caption": "a blue cat"}])
+    val = _write(tmp_path / "coco_karpathy_val.json", [{"image": "v1.jpg", "caption": ["a green bird", "a bird"]}])
+    sets = ["preset=tiny", f"data={train}", f"val_data={val}", f"image_root={tmp_path}", "progress=false",
+            f"cache_dir={tmp_path / 'cache'}", "stats_captions=10"]
+    train_set, val_set, _ = load_datasets(TrainConfig.load(None, sets), LaDiC(preset("tiny")), progress=False)
+    assert train_set.image_ids == ["t1", "t2"] and val_set.image_ids == ["v1"]
+    assert val_set.references == {"v1": ["a green bird", "a bird"]}
+    with pytest.raises(ConfigError, match="val_data goes with a caption file"):
+        TrainConfig.load(None, ["data=flickr8k", f"val_data={val}"])

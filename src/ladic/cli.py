@@ -410,12 +410,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         model.load_trainable_state_dict(load_file(str(src / ("weights.safetensors" if args.raw else "ema.safetensors"))))
         what = "raw weights" if args.raw else "EMA weights"
     if args.restrict_vocab:
-        from ladic.data.captions import load_flickr8k, load_karpathy
+        from ladic.data.captions import load_captions, load_flickr8k
 
         if args.restrict_vocab == "flickr8k":
             records = load_flickr8k("train")
         else:
-            records = load_karpathy(args.restrict_vocab, args.image_root or ".", "train")
+            records = load_captions(args.restrict_vocab, args.image_root or ".", "train")
         captions = [c for r in records for c in r.captions]
         model.restrict_output_vocab(model.text.tokenize(captions)["input_ids"])
         what += f", output vocabulary restricted to the {model.text.output_vocab_size} word pieces of {len(captions)} training captions"

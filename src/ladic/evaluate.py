@@ -142,7 +142,7 @@ def evaluate_model(
 ) -> tuple[MetricsResult, dict[str, str]]:
     """Caption a split of Flickr8k (default) or of a Karpathy/BLIP JSON and score it. ``config_overrides``
     replace sampling settings of the model's config (``ladic.config.SAMPLING_KEYS``)."""
-    from ladic.data.captions import load_flickr8k, load_karpathy
+    from ladic.data.captions import load_captions, load_flickr8k
     from ladic.models import load_model
 
     sampling = dict(sampling or {})
@@ -154,7 +154,7 @@ def evaluate_model(
     else:
         if image_root is None:
             raise ValueError("--image-root is required with --references when captioning")
-        records = load_karpathy(references, image_root, split)
+        records = load_captions(references, image_root, split)
     records = records[:limit] if limit else records
     results, seconds = caption_split(model, records, sampling=sampling)
     refs = {r.image_id: r.captions for r in records}

@@ -46,7 +46,10 @@ class TrainConfig:
     init_from: str | None = None  # a model folder (e.g. the shipped model): start from its weights and latent stats
     model: dict[str, Any] = field(default_factory=dict)  # LaDiCConfig overrides
     data: str = "flickr8k"  # "flickr8k", "scenes", or a Karpathy/BLIP caption JSON
-    image_root: str | None = None  # images of a caption JSON
+    image_root: str | None = None  # images of a caption file
+    # Validation from another caption file (e.g. BLIP's coco_karpathy_val.json; its val_split, or all of a pairs
+    # file); default: the val_split of ``data``.
+    val_data: str | None = None
     train_split: str = "train"
     val_split: str = "val"
     train_images: int | None = None  # use only the first N training images (short comparisons)
@@ -196,7 +199,7 @@ _AT_LEAST = {
 
 def check_train_config(tc: TrainConfig) -> None:
     """Values a run cannot use, as one ``ConfigError`` line, before anything loads."""
-    from ladic.config import PRESETS
+    from ladic.config import PRESETS, SAMPLING_KEYS
 
     if tc.preset not in PRESETS:
         raise ConfigError(f"unknown preset {tc.preset!r}; choose from {', '.join(PRESETS)}")
@@ -217,10 +220,17 @@ def check_train_config(tc: TrainConfig) -> None:
         if not getattr(tc, key) >= 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(tc, key)}")
     if tc.data not in ("flickr8k", "scenes"):
-        if not Path(tc.data).is_file():
-            raise ConfigError(f"data {tc.data!r}: not 'flickr8k', 'scenes' or a caption JSON file")
+        for key in ("data", "val_data"):
+            if getattr(tc, key) is not None and not Path(getattr(tc, key)).is_file():
+                raise ConfigError(f"{key} {getattr(tc, key)!r}: not 'flickr8k', 'scenes' or a caption file (JSON, "
+                                  f"JSONL or CSV)")
         if tc.image_root is None or not Path(tc.image_root).is_dir():
-            raise ConfigError(f"image_root must name the image folder of the caption JSON {tc.data}, got {tc.image_root!r}")
+            raise ConfigError(f"image_root must name the image folder of the caption file {tc.data}, got {tc.image_root!r}")
+    elif tc.val_data is not None:
+        raise ConfigError(f"val_data goes with a caption file as data, not data={tc.data!r}")
+    unknown = sorted(set(tc.distill_sampler) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ConfigError(f"distill_sampler: {', '.join(unknown)} not a sampling setting; use {', '.join(SAMPLING_KEYS)}")
     for key in ("init_from", "distill_from", "distill_pool_from"):
         folder = getattr(tc, key)
         if folder is not None and not Path(folder, "config.json").is_file():
@@ -290,7 +300,7 @@ def length_percentile(ids: torch.Tensor, q: float) -> int:
 
 def load_datasets(tc: TrainConfig, model: LaDiC, progress: bool) -> tuple[FeatureSet, FeatureSet | None, list | None]:
     """Build (train features, val features, val images for scenes)."""
-    from ladic.data.captions import load_flickr8k, load_karpathy
+    from ladic.data.captions import load_captions, load_flickr8k
     from ladic.data.scenes import make_scenes
 
     cache = tc.cache_dir or os.environ.get("LADIC_CACHE") or str(Path.home() / ".cache" / "ladic")
@@ -312,8 +322,8 @@ def load_datasets(tc: TrainConfig, model: LaDiC, progress: bool) -> tuple[Featur
     else:
         if tc.image_root is None:
             raise ValueError("image_root is required with a caption JSON")
-        train_recs = load_karpathy(tc.data, tc.image_root, tc.train_split)
-        val_recs = load_karpathy(tc.data, tc.image_root, tc.val_split)
+        train_recs = load_captions(tc.data, tc.image_root, tc.train_split)
+        val_recs = load_captions(tc.val_data or tc.data, tc.image_root, tc.val_split)
     train = training_features(tc, model, train_recs[: tc.train_images], cache, None, progress)
     val = build_features(model, val_recs[: tc.val_images], cache, progress=progress) if tc.val_images else None
     return train, val, None

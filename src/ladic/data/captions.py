@@ -164,6 +164,21 @@ def _from_karpathy(data: dict, image_root: Path, max_words: int) -> list[Caption
     return records
 
 
+def _from_coco(data: dict, image_root: Path, split: str, max_words: int) -> list[CaptionRecord]:
+    """The official COCO captions file (``captions_train2017.json``): ``images`` [{id, file_name}] and
+    ``annotations`` [{image_id, caption}]; image_id is the COCO id, the path ``image_root/file_name``."""
+    by_image: dict[Any, list[str]] = defaultdict(list)
+    for a in data["annotations"]:
+        if isinstance(a.get("caption"), str):
+            by_image[a.get("image_id")].append(a["caption"])
+    records = []
+    for img in data["images"]:
+        captions = _clean_all(by_image.get(img.get("id"), []), max_words)
+        if captions and "file_name" in img:
+            records.append(CaptionRecord(str(img["id"]), str(image_root / img["file_name"]), captions, split))
+    return records
+
+
 def _split_from_name(path: Path) -> str | None:
     words = set(re.split(r"[^a-z]+", path.stem.lower()))
     found = [s for s in KARPATHY_SPLITS if s in words]
@@ -207,12 +222,17 @@ def load_karpathy(
     entries are grouped by image; image_id is the cocoid for COCO file names, else the file
     stem; the split comes from the file name, else from `split`, else "train" for one
     caption per entry and "val" for caption lists.
+    The official COCO captions files (`captions_{train,val}2017.json`: `images` + `annotations`): image_id is
+    the COCO id, the image path `image_root/file_name`, the split from the file name, else `split`, else "train".
+
     Captions are cleaned with `pre_caption`; captions empty after cleaning are dropped.
     """
     path = Path(json_path)
     data = _read_json(path)
     root = Path(image_root)
-    if isinstance(data, dict) and isinstance(data.get("images"), list):
+    if isinstance(data, dict) and isinstance(data.get("images"), list) and isinstance(data.get("annotations"), list):
+        records = _from_coco(data, root, _split_from_name(path) or split or "train", max_words)
+    elif isinstance(data, dict) and isinstance(data.get("images"), list):
         records = _from_karpathy(data, root, max_words)
     elif _is_blip(data):
         per_caption = isinstance(data[0]["caption"], str)
@@ -224,6 +244,74 @@ def load_karpathy(
             '{"images": [...]} object or a BLIP list of {"image", "caption"} entries'
         )
     return _select(records, split, path)
+
+
+IMAGE_COLUMNS = ("image", "file_name", "filepath", "path", "key")
+"""Column names read as the image of a pairs file, first present wins; "key" (img2dataset) means ``<key>.jpg``."""
+CAPTION_COLUMNS = ("caption", "text")
+
+
+def load_pairs(
+    path: str | os.PathLike[str],
+    image_root: str | os.PathLike[str],
+    split: str = "train",
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    max_words: int = 50,
+) -> list[CaptionRecord]:
+    """Image-caption pairs, one per line of a JSONL file or per row of a CSV file with a header row; rows of the
+    same image are grouped. Columns: ``image_column`` / ``caption_column``, else the first of ``IMAGE_COLUMNS`` /
+    ``CAPTION_COLUMNS`` present (img2dataset's ``key`` means the image ``image_root/<key>.jpg``). Rows without a
+    text caption are skipped and counted in a warning that names the first few. Every record gets ``split``."""
+    import csv
+    import warnings
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption file not found: {path}")
+    with path.open(encoding="utf-8", newline="") as f:
+        if path.suffix.lower() == ".csv":
+            rows = list(csv.DictReader(f))
+        else:
+            rows = []
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}: line {n} is not JSON ({e})") from None
+    if not rows:
+        return []
+    columns = set(rows[0])
+    image_col = image_column or next((c for c in IMAGE_COLUMNS if c in columns), None)
+    caption_col = caption_column or next((c for c in CAPTION_COLUMNS if c in columns), None)
+    if image_col not in columns or caption_col not in columns:
+        raise ValueError(f"{path}: no image column ({image_column or ', '.join(IMAGE_COLUMNS)}) or caption column "
+                         f"({caption_column or ', '.join(CAPTION_COLUMNS)}); its columns: {', '.join(sorted(columns))}")
+    grouped: dict[str, list[str]] = defaultdict(list)
+    skipped: list[int] = []
+    for n, row in enumerate(rows, 1):
+        image, caption = row.get(image_col), row.get(caption_col)
+        if not isinstance(image, str) or not image or not isinstance(caption, str) or not pre_caption(caption, max_words):
+            skipped.append(n)
+            continue
+        grouped[f"{image}.jpg" if image_col == "key" else image].append(caption)
+    if skipped:
+        warnings.warn(f"{path}: skipped {len(skipped)} of {len(rows)} rows without an image or a text caption "
+                      f"(rows {', '.join(map(str, skipped[:5]))}{' ...' if len(skipped) > 5 else ''})", stacklevel=2)
+    root = Path(image_root)
+    return [CaptionRecord(_image_id_from_name(image), str(root / image), _clean_all(raw, max_words), split)
+            for image, raw in grouped.items()]
+
+
+def load_captions(
+    path: str | os.PathLike[str], image_root: str | os.PathLike[str], split: str | None = None, max_words: int = 50
+) -> list[CaptionRecord]:
+    """Any caption source by its file: ``.jsonl`` / ``.csv`` pairs (``load_pairs``, the whole file is ``split``),
+    else a JSON caption file (Karpathy, BLIP or official COCO; ``load_karpathy``)."""
+    if Path(path).suffix.lower() in (".jsonl", ".csv"):
+        return load_pairs(path, image_root, split or "train", max_words=max_words)
+    return load_karpathy(path, image_root, split, max_words)
 
 
 def load_paragraphs(

@@ -90,8 +90,9 @@ def teacher_captions(
     inputs = image_tokens.float() if same else list(images)
     if is_ar:
         kwargs: dict[str, Any] = {"num_beams": num_beams}
-    else:
-        kwargs = {"mbr_candidates": mbr_candidates, **(sampler or {})}
+    else:  # the sampler overrides replace the teacher's sampling settings (ladic.config.SAMPLING_KEYS)
+        kwargs = {"mbr_candidates": mbr_candidates}
+        teacher.config = teacher.config.replace(**(sampler or {}))
 
     def run(idx: list[int]) -> list[str]:
         # the noise is drawn per photo (ladic.photo_seed): a caption does not depend on the rank or batch
