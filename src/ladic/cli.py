@@ -587,8 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         # A bad option or model folder: one line, no traceback. Checked via sys.modules so the CLI never imports
         # torch here.
-        checkpoint = sys.modules.get("ladic.checkpoint")
-        if isinstance(e, UsageError) or (checkpoint is not None and isinstance(e, checkpoint.CheckpointError)):
+        checkpoint, encoders = sys.modules.get("ladic.checkpoint"), sys.modules.get("ladic.image_encoders")
+        if (isinstance(e, UsageError) or (checkpoint is not None and isinstance(e, checkpoint.CheckpointError))
+                or (encoders is not None and isinstance(e, encoders.EncoderLoadError))):
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             return 2
         raise

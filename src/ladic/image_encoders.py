@@ -78,6 +78,10 @@ def pixels(images: Sequence[Image.Image], size: int, mean: Sequence[float], std:
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
+class EncoderLoadError(RuntimeError):
+    """An image encoder's weights cannot be loaded (a Hub name without a cache offline, a missing folder)."""
+
+
 class ImageEncoder(nn.Module):
     """Base class. Subclasses set ``name``, ``dim`` (D), ``num_tokens`` (N) and ``pretrained``."""
 
@@ -340,8 +344,12 @@ class HFImageEncoder(ImageEncoder):
         from transformers import AutoImageProcessor, AutoModel
 
         self.name = HF_PREFIX + name_or_path
-        self.processor = AutoImageProcessor.from_pretrained(name_or_path)
-        model = AutoModel.from_pretrained(name_or_path, **from_pretrained_kwargs)
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(name_or_path)
+            model = AutoModel.from_pretrained(name_or_path, **from_pretrained_kwargs)
+        except OSError as e:  # neither a local folder nor fetchable (offline, no cache, no such repository)
+            raise EncoderLoadError(f"image encoder {self.name}: not a local folder, and not loadable from the Hugging "
+                                   f"Face Hub or its cache ({' '.join(str(e).split())[:120]})") from None
         self.model = getattr(model, "vision_model", model).float()  # CLIP / SigLIP / BLIP: the vision tower only
         self.freeze()
         with torch.no_grad():  # the processor fixes the input size, hence N

@@ -228,6 +228,13 @@ def check_train_config(tc: TrainConfig) -> None:
             raise ConfigError(f"image_root must name the image folder of the caption file {tc.data}, got {tc.image_root!r}")
     elif tc.val_data is not None:
         raise ConfigError(f"val_data goes with a caption file as data, not data={tc.data!r}")
+    encoder = tc.model.get("image_encoder")
+    if encoder is not None:
+        from ladic.image_encoders import HF_PREFIX, available_image_encoders
+
+        if not (encoder in available_image_encoders() or (encoder.startswith(HF_PREFIX) and len(encoder) > len(HF_PREFIX))):
+            raise ConfigError(f"unknown image encoder {encoder!r}; choose from {', '.join(available_image_encoders())} "
+                              f"or 'hf:<name or folder>'")
     unknown = sorted(set(tc.distill_sampler) - set(SAMPLING_KEYS))
     if unknown:
         raise ConfigError(f"distill_sampler: {', '.join(unknown)} not a sampling setting; use {', '.join(SAMPLING_KEYS)}")
