@@ -45,6 +45,7 @@ BAD = [
     (["train", "--set", "init_from=EMPTY"], "not a model folder (no config.json there)"),
     (["train", "--set", "oops"], "override 'oops' is not key=value"),
     (["train", "--set", "model.image_encoder=nope"], "unknown image encoder 'nope'"),
+    (["train", "--set", "tensorboard=true"], "tensorboard=true needs the tensorboard package"),
     (["train", "--set", "model.image_encoder=hf:someone/no-such-tower", "--out-dir", "OUT"],
      "image encoder hf:someone/no-such-tower: not a local folder, and not loadable"),
 ]

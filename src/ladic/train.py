@@ -228,6 +228,12 @@ def check_train_config(tc: TrainConfig) -> None:
             raise ConfigError(f"image_root must name the image folder of the caption file {tc.data}, got {tc.image_root!r}")
     elif tc.val_data is not None:
         raise ConfigError(f"val_data goes with a caption file as data, not data={tc.data!r}")
+    if tc.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("tensorboard=true needs the tensorboard package: pip install -c constraints.txt "
+                              "'.[tensorboard]' (log.jsonl has the same numbers without it)")
     encoder = tc.model.get("image_encoder")
     if encoder is not None:
         from ladic.image_encoders import HF_PREFIX, available_image_encoders
