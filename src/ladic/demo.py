@@ -448,14 +448,18 @@ class _Demo:
             self._thumbs[name] = buf.getvalue()
         return buf.getvalue()
 
-    def evaluations(self, steps: int, back_and_refine: bool) -> int:
-        """Denoiser evaluations of one caption: the schedule, plus its refine pass with Back&Refine."""
+    def schedule(self, steps: int, back_and_refine: bool) -> tuple[list[int], int]:
+        """The sampler's timesteps, and how many of them run before Back&Refine restarts from t = T (0: no restart)."""
         schedule = [int(t) for t in self.model.diffusion.inference_timesteps(steps)]
         if not back_and_refine:
-            return len(schedule)
+            return schedule, 0
         cut = self.model.config.refine_time * self.model.diffusion.num_timesteps
-        first = next((i + 1 for i, t in enumerate(schedule) if t <= cut), None)
-        return len(schedule) if first is None else first + len(schedule)
+        return schedule, next((i + 1 for i, t in enumerate(schedule) if t <= cut), 0)
+
+    def evaluations(self, steps: int, back_and_refine: bool) -> int:
+        """Denoiser evaluations of one caption: the schedule, plus its first part again with Back&Refine."""
+        schedule, first = self.schedule(steps, back_and_refine)
+        return first + len(schedule)
 
     def estimate(self, p: SamplingParams) -> float:
         rows = p.mbr * (2 if p.guidance > 0 else 1)
@@ -519,14 +523,11 @@ class _Demo:
 
     def _phases(self, steps: int, back_and_refine: bool, n: int) -> list[dict[str, Any]]:
         """Label each trajectory entry with its timestep and phase (first pass / after Back&Refine)."""
-        schedule = [int(t) for t in self.model.diffusion.inference_timesteps(steps)]
-        if back_and_refine:
-            cut = self.model.config.refine_time * self.model.diffusion.num_timesteps
-            first = next((i + 1 for i, t in enumerate(schedule) if t <= cut), None)
-            if first is not None and n == first + len(schedule):
-                return [{"t": t, "phase": "denoise"} for t in schedule[:first]] + [
-                    {"t": t, "phase": "refine"} for t in schedule
-                ]
+        schedule, first = self.schedule(steps, back_and_refine)
+        if first and n == first + len(schedule):
+            return [{"t": t, "phase": "denoise"} for t in schedule[:first]] + [
+                {"t": t, "phase": "refine"} for t in schedule
+            ]
         if n == len(schedule):
             return [{"t": t, "phase": "denoise"} for t in schedule]
         return [{"t": None, "phase": "denoise"} for _ in range(n)]
