@@ -409,9 +409,9 @@ def test_sigterm_stops_a_busy_demo(tiny_model, tmp_path):
         line = proc.stdout.readline()
         assert line.startswith("LaDiC demo on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")
         url = line.split()[3].rstrip("/")
-        _wait_for(lambda: _answers(url + "/healthz"), timeout=60)
+        _wait_for(lambda: _answers(url + "/healthz"), timeout=180)
         sock = _raw_post(url, LONG)
-        _wait_for(lambda: httpx.get(url + "/api/queue/long-one").json()["running"], timeout=60)
+        _wait_for(lambda: httpx.get(url + "/api/queue/long-one").json()["running"], timeout=180)
         t0 = time.perf_counter()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=15)  # the long request alone would run for minutes
