@@ -31,4 +31,15 @@ if [ "$with_test" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
       echo "install.sh: could not install chromium; the browser test will be skipped" >&2
   fi
 fi
+# The in-browser page (ladic demo, /local/) runs onnxruntime-web: npm installs it into web/node_modules from the
+# pinned web/package-lock.json (never fetched from a CDN at run time).
+if ! command -v npm >/dev/null 2>&1 && [ "$with_test" = 1 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null || true
+fi
+if command -v npm >/dev/null 2>&1; then
+  npm ci --prefix web --no-audit --no-fund --ignore-scripts --loglevel=error >/dev/null || \
+    echo "install.sh: npm could not install onnxruntime-web; the in-browser page (/local/) is unavailable" >&2
+else
+  echo "install.sh: npm not found; the in-browser page (/local/) needs it (apt-get install npm)" >&2
+fi
 echo "install.sh: ready (.venv)"

@@ -167,3 +167,50 @@ def test_stop_button_cancels_the_work_on_the_server(tiny_model, page):
 
         _until(cancelled)
         assert page.inner_text("#error").strip() == ""
+
+
+def test_in_browser_captioning_equals_python(tmp_path, page):
+    """/local/: the one-step model exported to ONNX runs inside the page (ONNX Runtime Web, WASM); for a fixed photo
+    and noise its caption equals ONNX Runtime's in Python; a file that is not a photo gets its error line; nothing
+    is fetched from outside the local server."""
+    import numpy as np
+    import torch
+
+    from ladic import LaDiC, preset
+    from ladic.onnx_export import OnnxCaptioner, export_onnx, web_runtime_dir
+
+    if web_runtime_dir() is None:
+        pytest.skip("onnxruntime-web not installed (./install.sh --test installs it with npm)")
+    torch.manual_seed(0)
+    model = LaDiC(preset("tiny", num_inference_steps=1, back_and_refine=False, length_conditioning=True)).eval()
+    export_onnx(model, tmp_path / "onnx")
+    noise = torch.randn(1, model.config.max_length, model.text.dim)
+    noise.numpy().astype("<f4").tofile(tmp_path / "onnx" / "noise.bin")
+    import skimage.data
+
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(skimage.data.astronaut()).resize((300, 200)).save(photo)
+    runtime = OnnxCaptioner(tmp_path / "onnx")
+    tokens = runtime.image_encoder.encode([Image.open(photo).convert("RGB")])
+    ids = runtime.captioner.run(["ids"], {"tokens": tokens.numpy(), "noise": noise.numpy()})[0]
+    expected = runtime.decode(ids[0].tolist())
+
+    from ladic.demo import RequestCost
+
+    outside = []
+    page.on("request", lambda req: outside.append(req.url) if not req.url.startswith(("http://127.0.0.1", "blob:", "data:")) else None)
+    app = create_app(model, cost=RequestCost(0.0, 0.0, 0.0), onnx_dir=tmp_path / "onnx")
+    with start_in_thread(app) as srv:
+        page.goto(srv.url + "/local/?noise=model/noise.bin")
+        page.wait_for_selector("body[data-ready='1']", timeout=120_000)
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("body[data-captioned='1']", timeout=120_000)
+        assert page.inner_text("#caption").strip() == expected and expected
+        assert page.inner_text("#error").strip() == ""
+        bad = tmp_path / "notes.jpg"
+        bad.write_text("this is not a photo\n")
+        page.set_input_files("#file", str(bad))
+        page.wait_for_selector("#error:not(:empty)")
+        assert page.inner_text("#error").strip() == "notes.jpg: not an image (the browser cannot decode it)"
+    assert outside == []
+    assert np.array_equal(ids[0, :1], [model.text.tokenizer.cls_token_id])

@@ -32,6 +32,8 @@ The denoising trajectory comes from ``LaDiC.generate(..., return_trajectory=True
 one call; the page reveals it step after step (a live view of the denoising). Streaming
 each step as it is computed would need a per-step hook in ``generate``.
 
+``GET /local/``            the same captioner inside the browser (ONNX Runtime Web; ``assets/web``), with
+                          ``/local/ort/*`` (onnxruntime-web) and ``/local/model/*`` (the ONNX export)
 ``GET /api/estimate``     the same fields as a query -> ``{"seconds", "limit_s", "allowed"}``
 ``GET /api/queue/{id}``   where the request sent with ``request_id=id`` stands in line
 
@@ -129,6 +131,15 @@ _CSP = (
     "script-src 'self' 'unsafe-inline'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
     "form-action 'self'; frame-ancestors 'none'"
 )
+
+
+# The in-browser page compiles WebAssembly (ONNX Runtime Web): 'wasm-unsafe-eval', nothing else more.
+_LOCAL_CSP = _CSP.replace("script-src 'self' 'unsafe-inline'", "script-src 'self' 'wasm-unsafe-eval'")
+_LOCAL_FILES = {"app.mjs", "preprocess.mjs"}
+_ORT_FILES = {"ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"}
+_MEDIA = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm", ".json": "application/json",
+          ".onnx": "application/octet-stream", ".bin": "application/octet-stream", ".html": "text/html"}
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class DemoInputError(Exception):
@@ -400,8 +411,10 @@ class JobQueue:
 # ---------------------------------------------------------------------------- the app
 class _Demo:
     def __init__(self, model: Any, *, max_upload_bytes: int, max_pixels: int, model_name: str,
-                 max_request_seconds: float, max_waiting: int, cost: RequestCost) -> None:
+                 max_request_seconds: float, max_waiting: int, cost: RequestCost, onnx_dir: Path | None,
+                 ort_dir: Path | None) -> None:
         self.model = model
+        self.onnx_dir, self.ort_dir = onnx_dir, ort_dir
         self.max_upload_bytes = max_upload_bytes
         self.max_pixels = max_pixels
         self.model_name = model_name
@@ -580,6 +593,37 @@ class _Demo:
             "elapsed_s": round(elapsed, 4),
         }
 
+    # ------------------------------------------------------------ the in-browser page
+    def _file(self, folder: Path | None, name: str, what: str) -> Response:
+        if folder is None or not _SAFE_NAME.fullmatch(name) or not (folder / name).is_file():
+            raise DemoInputError(f"{what}/{name[:60]}: not available", 404)
+        from starlette.responses import FileResponse
+
+        return FileResponse(folder / name, media_type=_MEDIA.get(Path(name).suffix, "application/octet-stream"),
+                            headers={"Content-Security-Policy": _LOCAL_CSP, "Cache-Control": "no-cache"})
+
+    async def local_page(self, request: Request) -> Response:
+        page = resources.files("ladic").joinpath("assets/web/index.html").read_text(encoding="utf-8")
+        return HTMLResponse(page, headers={"Content-Security-Policy": _LOCAL_CSP, "Cache-Control": "no-store"})
+
+    async def local_file(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in _LOCAL_FILES:
+            raise DemoInputError(f"{name[:60]}: not available", 404)
+        return self._file(Path(str(resources.files("ladic").joinpath("assets/web"))), name, "local")
+
+    async def ort_file(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in _ORT_FILES or self.ort_dir is None:
+            raise DemoInputError("onnxruntime-web is not installed (./install.sh installs it with npm)"
+                                 if self.ort_dir is None else f"ort/{name[:60]}: not available", 404)
+        return self._file(self.ort_dir, name, "ort")
+
+    async def model_file(self, request: Request) -> Response:
+        if self.onnx_dir is None:
+            raise DemoInputError("this model has no ONNX export (the browser runs one-step models only)", 404)
+        return self._file(self.onnx_dir, request.path_params["name"], "model")
+
     # ------------------------------------------------------------ endpoints
     async def index(self, request: Request) -> Response:
         return HTMLResponse(self.page, headers={"Content-Security-Policy": _CSP, "Cache-Control": "no-store"})
@@ -724,6 +768,8 @@ def create_app(
     max_request_seconds: float = DEFAULT_MAX_REQUEST_SECONDS,
     max_waiting: int = DEFAULT_MAX_WAITING,
     cost: RequestCost | None = None,
+    onnx_dir: str | Path | None = None,
+    ort_dir: str | Path | None = None,
 ) -> Starlette:
     """The demo as an ASGI app around a loaded ``LaDiC`` model.
 
@@ -731,20 +777,30 @@ def create_app(
     ``FORM_OVERHEAD_BYTES`` for the other fields); ``max_pixels`` caps its decoded size.
     A request estimated (from ``cost``, measured now with ``measure_cost`` when not given) to take longer than
     ``max_request_seconds`` is refused; ``max_waiting`` requests may wait behind the running one.
+    ``onnx_dir`` (an ``ladic export --onnx`` folder) and ``ort_dir`` (onnxruntime-web's ``dist``; default
+    ``ladic.onnx_export.web_runtime_dir()``) serve the in-browser page at ``/local/``.
     """
+    from ladic.onnx_export import web_runtime_dir
+
     if max_upload_bytes < 1 or max_pixels < 1:
         raise ValueError("max_upload_bytes and max_pixels must be positive")
     if not max_request_seconds > 0 or max_waiting < 0:
         raise ValueError("max_request_seconds must be positive and max_waiting >= 0")
     demo = _Demo(model, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels,
                  model_name=model_name or type(model).__name__, max_request_seconds=max_request_seconds,
-                 max_waiting=max_waiting, cost=cost or measure_cost(model))
+                 max_waiting=max_waiting, cost=cost or measure_cost(model),
+                 onnx_dir=None if onnx_dir is None else Path(onnx_dir),
+                 ort_dir=Path(ort_dir) if ort_dir is not None else web_runtime_dir())
     routes = [
         Route("/", demo.index, methods=["GET"]),
         Route("/healthz", demo.healthz, methods=["GET"]),
         Route("/api/config", demo.config, methods=["GET"]),
         Route("/api/examples", demo.examples, methods=["GET"]),
         Route("/api/examples/{name}.jpg", demo.example_thumb, methods=["GET"]),
+        Route("/local/", demo.local_page, methods=["GET"]),
+        Route("/local/{name}", demo.local_file, methods=["GET"]),
+        Route("/local/ort/{name}", demo.ort_file, methods=["GET"]),
+        Route("/local/model/{name}", demo.model_file, methods=["GET"]),
         Route("/api/estimate", demo.estimate_endpoint, methods=["GET"]),
         Route("/api/queue/{request_id}", demo.queue_position, methods=["GET"]),
         Route("/api/caption", demo.caption, methods=["POST"]),
@@ -860,8 +916,14 @@ def serve(
     path = Path(model_path) if model_path is not None else default_model_path()
     name = f"{path.name} (shipped)" if path.resolve() == shipped_model_path(path.name) else str(model_path)
     cost = measure_cost(model)
+    from ladic.onnx_export import ExportError, onnx_folder
+
+    try:  # the in-browser page (/local/) runs the ONNX export of the same model (exported once, cached)
+        onnx_dir = onnx_folder(model_path)
+    except ExportError:
+        onnx_dir = None
     app = create_app(model, max_upload_bytes=max_upload_bytes, model_name=name,
-                     max_request_seconds=max_request_seconds, cost=cost)
+                     max_request_seconds=max_request_seconds, cost=cost, onnx_dir=onnx_dir)
     try:
         sock = _bind(host, port)
     except OSError as e:

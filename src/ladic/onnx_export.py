@@ -237,6 +237,21 @@ class OnnxCaptioner:
 
 
 def onnx_captioner(path: str | Path | None = None, threads: int | None = None) -> OnnxCaptioner:
+    """``OnnxCaptioner`` on ``onnx_folder(path)``."""
+    return OnnxCaptioner(onnx_folder(path), threads)
+
+
+def web_runtime_dir() -> Path | None:
+    """onnxruntime-web's ``dist`` folder as the project's install step puts it (``web/node_modules``, npm, pinned in
+    ``web/package.json``), or ``$LADIC_ORT_WEB_DIR``; None where it is not installed."""
+    import os
+
+    env = os.environ.get("LADIC_ORT_WEB_DIR")
+    folder = Path(env) if env else Path(__file__).resolve().parents[2] / "web" / "node_modules" / "onnxruntime-web" / "dist"
+    return folder if (folder / "ort.wasm.min.js").is_file() else None
+
+
+def onnx_folder(path: str | Path | None = None) -> Path:
     """An ONNX folder as is, or a LaDiC model folder (``None``: the shipped default) exported once into the cache
     (``$LADIC_CACHE`` or ``~/.cache/ladic``, under ``onnx/``, keyed by the folder's files). Raises ``ExportError``
     for a model the export does not cover and ``CheckpointError`` for a bad folder."""
@@ -249,7 +264,7 @@ def onnx_captioner(path: str | Path | None = None, threads: int | None = None) -
 
     folder = default_model_path() if path is None else resolve_model_path(path)
     if (folder / SETTINGS_FILE).is_file():
-        return OnnxCaptioner(folder, threads)
+        return folder
     h = hashlib.blake2b(digest_size=8)
     for f in sorted(folder.glob("*")):
         if f.is_file():
@@ -262,4 +277,4 @@ def onnx_captioner(path: str | Path | None = None, threads: int | None = None) -
             tmp.rename(cache)
         except OSError:  # another process (a torchrun rank) exported it first
             shutil.rmtree(tmp, ignore_errors=True)
-    return OnnxCaptioner(cache, threads)
+    return cache
