@@ -95,3 +95,22 @@ def test_int8_export_is_smaller_and_still_captions(tmp_path):
     assert (tmp_path / "int8" / "captioner.onnx").stat().st_size < 0.5 * (tmp_path / "fp32" / "captioner.onnx").stat().st_size
     captions = OnnxCaptioner(tmp_path / "int8").caption(_photos(3))
     assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)
+
+
+def test_cli_export_a_static_web_page(tmp_path, capsys):
+    from ladic.cli import main
+    from ladic.onnx_export import web_runtime_dir
+
+    if web_runtime_dir() is None:
+        pytest.skip("onnxruntime-web not installed (./install.sh installs it with npm)")
+    _one_step_model().save_pretrained(tmp_path / "model")
+    assert main(["export", str(tmp_path / "model"), str(tmp_path / "site"), "--onnx", "--web"]) == 0
+    assert "with the in-browser page" in capsys.readouterr().out
+    site = tmp_path / "site"
+    assert {p.name for p in site.iterdir()} == {"index.html", "app.mjs", "preprocess.mjs", "ort", "model"}
+    assert {p.name for p in (site / "ort").iterdir()} == {"ort.wasm.min.js", "ort-wasm-simd-threaded.mjs",
+                                                          "ort-wasm-simd-threaded.wasm"}
+    assert (site / "model" / "captioner.onnx").is_file() and (site / "model" / "vocab.json").is_file()
+    assert OnnxCaptioner(site / "model").caption(_photos(1))
+    assert main(["export", str(tmp_path / "model"), str(tmp_path / "x"), "--web"]) == 2
+    assert "--int8 and --web apply to --onnx exports" in capsys.readouterr().err

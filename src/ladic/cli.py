@@ -392,8 +392,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"--restrict-vocab {args.restrict_vocab}: not 'flickr8k' or a caption JSON file")
     if not src.is_dir():
         raise UsageError(f"{src}: no such folder")
-    if args.int8 and not args.onnx:
-        raise UsageError("--int8 applies to --onnx exports")
+    if (args.int8 or args.web) and not args.onnx:
+        raise UsageError("--int8 and --web apply to --onnx exports")
     if args.onnx and (args.fp16 or args.raw):
         raise UsageError("--onnx writes fp32 graphs of the folder's weights; --fp16 and --raw do not apply to it yet")
     if (src / CONFIG_NAME).is_file():  # a model folder: re-export it (e.g. with a restricted vocabulary)
@@ -422,11 +422,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.onnx:
         from ladic.onnx_export import ExportError, export_onnx
 
+        from ladic.onnx_export import write_web_page
+
         try:
-            export_onnx(model.float(), args.out, int8=args.int8)
+            if args.web:
+                write_web_page(args.out, export_onnx(model.float(), Path(args.out) / "model", int8=args.int8))
+            else:
+                export_onnx(model.float(), args.out, int8=args.int8)
         except ExportError as e:
             raise UsageError(f"{src}: {e}") from None
-        print(f"exported {what} of {src} as ONNX to {args.out}")
+        print(f"exported {what} of {src} as ONNX to {args.out}" + (" with the in-browser page (index.html)" if args.web else ""))
         return 0
     model.save_pretrained(args.out, dtype=torch.float16 if args.fp16 else None)
     print(f"exported {what} of {src} to {args.out}")
@@ -511,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="store_true",
                    help="write ONNX graphs instead (a one-step model such as the shipped default): image_encoder.onnx, "
                         "captioner.onnx, the tokenizer and onnx_config.json, for ONNX Runtime (ladic.onnx_export)")
+    p.add_argument("--web", action="store_true",
+                   help="with --onnx: write a static page that captions in the browser (OUT/index.html, OUT/ort, "
+                        "OUT/model; serve OUT with any static file server)")
     p.add_argument("--int8", action="store_true", help="with --onnx: int8 matrix weights in the captioner graph (about "
                                                        "a quarter of its size; captions change)")
     p.set_defaults(func=cmd_export)

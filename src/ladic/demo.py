@@ -136,7 +136,6 @@ _CSP = (
 # The in-browser page compiles WebAssembly (ONNX Runtime Web): 'wasm-unsafe-eval', nothing else more.
 _LOCAL_CSP = _CSP.replace("script-src 'self' 'unsafe-inline'", "script-src 'self' 'wasm-unsafe-eval'")
 _LOCAL_FILES = {"app.mjs", "preprocess.mjs"}
-_ORT_FILES = {"ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"}
 _MEDIA = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm", ".json": "application/json",
           ".onnx": "application/octet-stream", ".bin": "application/octet-stream", ".html": "text/html"}
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -614,7 +613,9 @@ class _Demo:
 
     async def ort_file(self, request: Request) -> Response:
         name = request.path_params["name"]
-        if name not in _ORT_FILES or self.ort_dir is None:
+        from ladic.onnx_export import WEB_RUNTIME_FILES
+
+        if name not in WEB_RUNTIME_FILES or self.ort_dir is None:
             raise DemoInputError("onnxruntime-web is not installed (./install.sh installs it with npm)"
                                  if self.ort_dir is None else f"ort/{name[:60]}: not available", 404)
         return self._file(self.ort_dir, name, "ort")

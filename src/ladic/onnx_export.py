@@ -31,6 +31,7 @@ SETTINGS_FILE = "onnx_config.json"
 TOKENIZER_DIR = "tokenizer"
 VOCAB_FILE = "vocab.json"  # id -> word piece, for runtimes without the transformers tokenizer (a browser page)
 OPSET = 17
+WEB_RUNTIME_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 
 
 class ExportError(ValueError):
@@ -128,11 +129,19 @@ def export_onnx(model: Any, out: str | Path, batch_size: int = 2, int8: bool = F
                                                               "ids": {0: "batch"}},
                           opset_version=OPSET, dynamo=False)
     if int8:
+        import logging
+
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         fp32 = out / (CAPTIONER_FILE + ".fp32")
         (out / CAPTIONER_FILE).rename(fp32)
-        quantize_dynamic(str(fp32), str(out / CAPTIONER_FILE), weight_type=QuantType.QInt8)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the quantizer's advice and its notes on the integer tensors it leaves alone
+        try:
+            quantize_dynamic(str(fp32), str(out / CAPTIONER_FILE), weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
         fp32.unlink()
     tok = model.text.tokenizer
     tok.save_pretrained(str(out / TOKENIZER_DIR))
@@ -278,3 +287,25 @@ def onnx_folder(path: str | Path | None = None) -> Path:
         except OSError:  # another process (a torchrun rank) exported it first
             shutil.rmtree(tmp, ignore_errors=True)
     return cache
+
+
+def write_web_page(out: str | Path, onnx_dir: str | Path) -> Path:
+    """A static folder that captions in the browser from any static file server: the page (``assets/web``),
+    onnxruntime-web's files in ``ort/`` and the ONNX export ``onnx_dir`` copied to ``model/``. Needs onnxruntime-web
+    installed (``web_runtime_dir``); raises ``ExportError`` otherwise."""
+    import shutil
+    from importlib import resources
+
+    ort_dir = web_runtime_dir()
+    if ort_dir is None:
+        raise ExportError("onnxruntime-web is not installed (./install.sh installs it with npm into web/node_modules)")
+    out = Path(out)
+    (out / "ort").mkdir(parents=True, exist_ok=True)
+    page = Path(str(resources.files("ladic").joinpath("assets/web")))
+    for name in ("index.html", "app.mjs", "preprocess.mjs"):
+        shutil.copyfile(page / name, out / name)
+    for name in WEB_RUNTIME_FILES:
+        shutil.copyfile(ort_dir / name, out / "ort" / name)
+    if Path(onnx_dir).resolve() != (out / "model").resolve():
+        shutil.copytree(onnx_dir, out / "model", dirs_exist_ok=True)
+    return out
