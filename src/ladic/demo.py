@@ -923,6 +923,10 @@ def serve(
         onnx_dir = onnx_folder(model_path)
     except ExportError:
         onnx_dir = None
+    except Exception as e:  # an export failure must not keep the server demo from starting
+        print(f"warning: the in-browser page is unavailable: the ONNX export failed ({type(e).__name__}: "
+              f"{' '.join(str(e).split())[:120]})", file=sys.stderr)
+        onnx_dir = None
     app = create_app(model, max_upload_bytes=max_upload_bytes, model_name=name,
                      max_request_seconds=max_request_seconds, cost=cost, onnx_dir=onnx_dir)
     try:
