@@ -276,14 +276,20 @@ class LaDiC(Captioner):
         """Fixed positions for captions of exactly ``num_tokens`` word pieces (an int, or one per row (B,)):
         [CLS], [SEP] and [PAD]s are given, the word positions are -1 in the given ids."""
         length = self.config.max_length
-        n = torch.as_tensor(num_tokens, device=self.device).expand(batch_size)[:, None]
+        n = torch.as_tensor(num_tokens, device=self.device).expand(batch_size)
         if not bool(((n >= 1) & (n <= length - 2)).all()):
             raise ValueError(f"length must be in 1..{length - 2} tokens for max_length {length}")
-        tok = self.text.tokenizer
-        pos = torch.arange(length, device=self.device)[None]
-        given = torch.where(pos == n + 1, tok.sep_token_id, torch.where(pos > n, tok.pad_token_id, -1))
-        given[:, 0] = tok.cls_token_id
+        given = self.template_ids(n)
         return given >= 0, torch.zeros(batch_size, length, self.text.dim, device=self.device), given
+
+    def template_ids(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Lengths (B,) -> given ids (B, L) of [CLS], N word positions (-1), [SEP], [PAD]s; no range check (traceable:
+        the ONNX graph builds its template with it)."""
+        tok = self.text.tokenizer
+        pos = torch.arange(self.config.max_length, device=lengths.device)[None]
+        n = lengths[:, None]
+        given = torch.where(pos == n + 1, tok.sep_token_id, torch.where(pos > n, tok.pad_token_id, -1))
+        return torch.where(pos == 0, tok.cls_token_id, given)
 
     def caption_lengths(self, ids: torch.Tensor) -> torch.Tensor:
         """Word pieces per caption, [CLS]/[SEP]/[PAD] not counted; blanks (-1) of a template count: (B, L) -> (B,)."""

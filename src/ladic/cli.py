@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 EXAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "hubble_deep_field", "immunohistochemistry")
 
@@ -84,10 +85,6 @@ def _load_model(path: str | None, device: str, args: argparse.Namespace | None =
 
 
 def _load_onnx(path: str | None):
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise UsageError("--runtime onnx needs ONNX Runtime: pip install onnxruntime") from None
     from ladic.onnx_export import ExportError, onnx_captioner
 
     try:
@@ -420,9 +417,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         model.restrict_output_vocab(model.text.tokenize(captions)["input_ids"])
         what += f", output vocabulary restricted to the {model.text.output_vocab_size} word pieces of {len(captions)} training captions"
     if args.onnx:
-        from ladic.onnx_export import ExportError, export_onnx
-
-        from ladic.onnx_export import write_web_page
+        from ladic.onnx_export import ExportError, export_onnx, write_web_page
 
         try:
             if args.web:
@@ -461,10 +456,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (``error: ...``, exit code 2) instead of the usage block; ``--help`` has
+    the usage. Sub-command parsers are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ladic import __version__
 
-    ap = argparse.ArgumentParser(prog="ladic", description="LaDiC: latent diffusion image captioning")
+    ap = _Parser(prog="ladic", description="LaDiC: latent diffusion image captioning")
     ap.add_argument("--version", action="version", version=f"ladic {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 

@@ -62,14 +62,6 @@ class OneStepGraph(nn.Module):
         self.noise_factor = float(model._sampling_diffusion().noise_factor)
         self.t = int(model.diffusion.inference_timesteps(1)[0])
 
-    def _template(self, lengths: torch.Tensor, length: int) -> torch.Tensor:
-        """``LaDiC.length_template``'s given ids (B, L) for lengths (B,): [CLS] words(-1) [SEP] [PAD]..."""
-        tok = self.model.text.tokenizer
-        pos = torch.arange(length, device=lengths.device)[None]
-        n = lengths[:, None]
-        given = torch.where(pos == n + 1, tok.sep_token_id, torch.where(pos > n, tok.pad_token_id, -1))
-        return torch.where(pos == 0, tok.cls_token_id, given)
-
     def _decode(self, x0: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
         """``LaDiC._decode_ids(x0, free, given, no_dangling_end)`` over all positions at once (B, L, V')."""
         m, text = self.model, self.model.text
@@ -92,12 +84,12 @@ class OneStepGraph(nn.Module):
         from ladic.sampling import guided_denoiser
 
         m, cfg = self.model, self.model.config
-        b, length, _ = noise.shape
+        b = noise.shape[0]
         ctx = m.diffuser.image_context(image_tokens)
         given = None
         if cfg.length_conditioning:
             lengths = m.diffuser.predict_length(ctx).argmax(-1)
-            given = self._template(lengths, length)
+            given = m.template_ids(lengths)
             ctx = m.diffuser.add_length(ctx, lengths.clamp(max=cfg.max_length - 2))
         t = torch.full((b,), self.t, dtype=torch.long, device=noise.device)
         x0 = guided_denoiser(m.diffuser, ctx, cfg.guidance_scale)(self.noise_factor * noise, t, torch.zeros_like(noise))
@@ -238,11 +230,9 @@ class OnnxCaptioner:
 
     def decode(self, ids: list[int]) -> str:
         """``TextSpace.ids_to_text`` for one row: specials erased, repeated word pieces collapsed."""
-        special = set(self.settings["special_ids"])
-        kept = [i for i in ids if i not in special]
-        if self.settings["collapse_repeats"]:
-            kept = [i for j, i in enumerate(kept) if j == 0 or kept[j - 1] != i]
-        return self.tokenizer.decode(kept, clean_up_tokenization_spaces=True).strip()
+        from ladic.text_space import ids_to_caption
+
+        return ids_to_caption(self.tokenizer, ids, set(self.settings["special_ids"]), self.settings["collapse_repeats"])
 
 
 def onnx_captioner(path: str | Path | None = None, threads: int | None = None) -> OnnxCaptioner:
@@ -268,8 +258,9 @@ def onnx_folder(path: str | Path | None = None) -> Path:
     import os
     import shutil
 
-    from ladic.captioner import LaDiC, default_model_path
+    from ladic.captioner import default_model_path
     from ladic.checkpoint import resolve_model_path
+    from ladic.models import load_model
 
     folder = default_model_path() if path is None else resolve_model_path(path)
     if (folder / SETTINGS_FILE).is_file():
@@ -281,7 +272,7 @@ def onnx_folder(path: str | Path | None = None) -> Path:
     cache = Path(os.environ.get("LADIC_CACHE") or Path.home() / ".cache" / "ladic") / "onnx" / f"{folder.name}-{h.hexdigest()}"
     if not (cache / SETTINGS_FILE).is_file():
         tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
-        export_onnx(LaDiC.from_pretrained(folder).float(), tmp)
+        export_onnx(load_model(folder).float(), tmp)  # an AR folder is refused by OneStepGraph in one line
         try:
             tmp.rename(cache)
         except OSError:  # another process (a torchrun rank) exported it first

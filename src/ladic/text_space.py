@@ -76,6 +76,15 @@ class LMHead(nn.Module):
         return F.linear(h, self.word_embeddings.weight[self.vocab_ids], self.bias[self.vocab_ids])
 
 
+def ids_to_caption(tokenizer: Any, ids: Sequence[int], special: set[int], collapse_repeats: bool = True) -> str:
+    """One row of token ids -> its caption: ``special`` ids erased, repeated word pieces collapsed (optional), the
+    word pieces joined by ``tokenizer``."""
+    kept = [i for i in ids if i not in special]
+    if collapse_repeats:
+        kept = [i for j, i in enumerate(kept) if j == 0 or kept[j - 1] != i]
+    return tokenizer.decode(kept, clean_up_tokenization_spaces=True).strip()
+
+
 def _vocab_mask(size: int, ids: Sequence[int]) -> torch.Tensor:
     """(size,) bool, True at ``ids``."""
     return torch.zeros(size, dtype=torch.bool).index_fill(0, torch.tensor(ids, dtype=torch.long), True)
@@ -261,13 +270,7 @@ class TextSpace(nn.Module):
     def ids_to_text(self, ids: torch.Tensor, collapse_repeats: bool = True) -> list[str]:
         """(B, L) ids -> captions; special tokens ([PAD] etc.) are erased, so captions have variable length."""
         special = set(self.special_ids)
-        out = []
-        for row in ids.tolist():
-            kept = [i for i in row if i not in special]
-            if collapse_repeats:
-                kept = [i for j, i in enumerate(kept) if j == 0 or kept[j - 1] != i]
-            out.append(self.tokenizer.decode(kept, clean_up_tokenization_spaces=True).strip())
-        return out
+        return [ids_to_caption(self.tokenizer, row, special, collapse_repeats) for row in ids.tolist()]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The LM head's own parameters and output vocabulary (the tied embedding matrix belongs to the frozen backbone)."""

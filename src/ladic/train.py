@@ -305,9 +305,9 @@ def init_distributed() -> tuple[Dist, torch.device]:
 
 
 # ---------------------------------------------------------------------------- data
-def length_percentile(ids: torch.Tensor, q: float) -> int:
+def length_percentile(ids: torch.Tensor, q: float, pad_id: int = 0) -> int:
     """(N, L) padded token ids of [CLS] caption [SEP] -> the q-quantile of the captions' lengths in word pieces."""
-    lengths = (ids != 0).sum(dim=1) - 2  # BERT's [PAD] is id 0
+    lengths = (ids != pad_id).sum(dim=1) - 2
     return int(torch.quantile(lengths.float(), q, interpolation="higher"))
 
 
@@ -508,7 +508,8 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
     if tc.restrict_vocab and not model.text.output_vocab_size:  # (an init_from folder may bring its own)
         model.restrict_output_vocab(train_set.ids)
     if hasattr(model.config, "trained_length_p99"):
-        model.config = model.config.replace(trained_length_p99=length_percentile(train_set.ids, 0.99))
+        p99 = length_percentile(train_set.ids, 0.99, model.text.tokenizer.pad_token_id)
+        model.config = model.config.replace(trained_length_p99=p99)
     ema = {k: v.detach().clone().float() if v.is_floating_point() else v.clone()
            for k, v in model.trainable_state_dict().items()}
     image_keys = trajectory_keys(tc, model, train_set)

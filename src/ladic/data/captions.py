@@ -288,20 +288,21 @@ def load_pairs(
     if image_col not in columns or caption_col not in columns:
         raise ValueError(f"{path}: no image column ({image_column or ', '.join(IMAGE_COLUMNS)}) or caption column "
                          f"({caption_column or ', '.join(CAPTION_COLUMNS)}); its columns: {', '.join(sorted(columns))}")
-    grouped: dict[str, list[str]] = defaultdict(list)
+    grouped: dict[str, list[str]] = defaultdict(list)  # image -> cleaned captions
     skipped: list[int] = []
     for n, row in enumerate(rows, 1):
         image, caption = row.get(image_col), row.get(caption_col)
-        if not isinstance(image, str) or not image or not isinstance(caption, str) or not pre_caption(caption, max_words):
+        cleaned = pre_caption(caption, max_words) if isinstance(caption, str) else ""
+        if not isinstance(image, str) or not image or not cleaned:
             skipped.append(n)
             continue
-        grouped[f"{image}.jpg" if image_col == "key" else image].append(caption)
+        grouped[f"{image}.jpg" if image_col == "key" else image].append(cleaned)
     if skipped:
         warnings.warn(f"{path}: skipped {len(skipped)} of {len(rows)} rows without an image or a text caption "
                       f"(rows {', '.join(map(str, skipped[:5]))}{' ...' if len(skipped) > 5 else ''})", stacklevel=2)
     root = Path(image_root)
-    return [CaptionRecord(_image_id_from_name(image), str(root / image), _clean_all(raw, max_words), split)
-            for image, raw in grouped.items()]
+    return [CaptionRecord(_image_id_from_name(image), str(root / image), captions, split)
+            for image, captions in grouped.items()]
 
 
 def load_captions(
