@@ -375,6 +375,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    from ladic.data.shards import STORAGE_DTYPES, write_features
+    from ladic.data.sources import CaptionSource, DataError
+    from ladic.image_encoders import EncoderLoadError
+    from ladic.models import model_class
+    from ladic.train import ConfigError, TrainConfig, init_distributed, model_config
+
+    _quiet_transformers()
+    if args.dtype not in STORAGE_DTYPES:
+        raise UsageError(f"--dtype {args.dtype}: choose from {', '.join(STORAGE_DTYPES)}")
+    if args.shard_size < 1 or args.batch_size < 1:
+        raise UsageError("--shard-size and --batch-size must be >= 1")
+    try:
+        tc = TrainConfig.load(args.config, list(args.set or []))
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    if tc.data == "scenes":
+        raise UsageError("ladic features reads caption files or webdataset shards, not data=scenes")
+    d, device = init_distributed(tc.dist_timeout_s)
+    try:
+        source = CaptionSource(tc.data, tc.image_root, tc.train_split, shard_size=args.shard_size,
+                               image_column=tc.image_column, caption_column=tc.caption_column)
+        model = model_class(tc.model_type)(model_config(tc)).to(device).eval()
+        if not model.image_encoder.pretrained:
+            raise UsageError(f"image encoder {model.image_encoder.name} is trained with the model: its features "
+                             f"cannot be cached")
+        res = write_features(model, source, args.out, dtype=args.dtype, batch_size=args.batch_size,
+                             draft=not args.no_draft, max_bad_share=tc.max_bad_share, progress=d.main)
+    except (DataError, EncoderLoadError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"rank {d.rank}: {res.written} shards written, {res.already} already in {args.out}"
+          + (f"; {res.bad.summary()}" if res.bad.skipped else ""))
+    if d.main:
+        print(f"train from them with: ladic train --config {args.config or '...'} --set features_dir={args.out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import load_file
@@ -507,6 +545,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoint")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("features", help="encode a training set into a sharded feature folder (torchrun: one share per "
+                                        "process; rerun to resume)")
+    p.add_argument("out", help="the features folder (train with --set features_dir=OUT)")
+    p.add_argument("--config", help="the training config (its data, image_root, train_split and model are used)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training config field")
+    p.add_argument("--shard-size", type=int, default=1000,
+                   help="images per shard of a caption file, lines per shard of a JSONL/CSV (default 1000); one "
+                        "shard per tar file for webdataset shards")
+    p.add_argument("--dtype", default="float16", help="storage dtype: float16 (default), bfloat16 or float32")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
+    p.add_argument("--no-draft", action="store_true",
+                   help="decode JPEGs at full size (default: Pillow's draft mode, as ladic caption)")
+    p.set_defaults(func=cmd_features)
+
     p = sub.add_parser("export", help="write a training checkpoint's EMA weights (or a model folder) as a model folder")
     p.add_argument("checkpoint", help="<out_dir>/checkpoint of a training run, or a model folder")
     p.add_argument("out")
@@ -599,8 +651,10 @@ def main(argv: list[str] | None = None) -> int:
         # A bad option or model folder: one line, no traceback. Checked via sys.modules so the CLI never imports
         # torch here.
         checkpoint, encoders = sys.modules.get("ladic.checkpoint"), sys.modules.get("ladic.image_encoders")
+        sources = sys.modules.get("ladic.data.sources")
         if (isinstance(e, UsageError) or (checkpoint is not None and isinstance(e, checkpoint.CheckpointError))
-                or (encoders is not None and isinstance(e, encoders.EncoderLoadError))):
+                or (encoders is not None and isinstance(e, encoders.EncoderLoadError))
+                or (sources is not None and isinstance(e, sources.DataError))):
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             return 2
         raise

@@ -144,6 +144,18 @@ class TinyImageEncoder(ImageEncoder):
         return self.norm(x.flatten(2).transpose(1, 2))
 
 
+class FrozenTinyImageEncoder(TinyImageEncoder):
+    """The tiny random conv net, frozen: a stand-in for a pretrained encoder (its tokens can be cached) in tests and
+    in the scale benchmarks."""
+
+    pretrained = True
+
+    def __init__(self, seed: int = 0, dim: int = 64) -> None:
+        super().__init__(seed, dim)
+        self.name = "tiny-frozen"
+        self.freeze()
+
+
 class EfficientNetLiteEncoder(ImageEncoder):
     """ImageNet EfficientNet-Lite0 or -Lite2; tokens are the final 1280-channel grid at the model's input size:
     Lite0 224 px -> (B, 49, 1280), Lite2 260 px -> (B, 81, 1280).
@@ -371,6 +383,7 @@ ENCODERS = {
     "dinov2-s-grid8": lambda cache_dir=None: GridPooledEncoder(Dinov2SmallEncoder(cache_dir), 8),
     "dinov2-s-grid7": lambda cache_dir=None: GridPooledEncoder(Dinov2SmallEncoder(cache_dir), 7),
     "tiny": TinyImageEncoder,
+    "tiny-frozen": FrozenTinyImageEncoder,
 }
 
 

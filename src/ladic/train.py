@@ -8,11 +8,13 @@ process (each rank takes its slice of the global batch).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from ladic.captioner import LaDiC
 from ladic.config import LEGACY_DEFAULTS, LaDiCConfig, preset
 from ladic.data.distill import with_teacher_noise
 from ladic.data.features import FeatureSet, build_features, build_image_features
+from ladic.data.loader import epoch_order
 from ladic.photo_seed import tensor_key
 
 
@@ -113,6 +116,23 @@ class TrainConfig:
     # (the targets then give only the sampled captions' lengths).
     reward_supervised_weight: float = 1.0
     reward_temperature: float = 1.0  # the one-step policy samples softmax(logits / reward_temperature)
+    # Training at scale (ladic.data.loader / ladic.data.shards; README "Training at the paper's scale").
+    # A `ladic features` folder: train from its memory-mapped shards instead of the in-RAM feature cache.
+    features_dir: str | None = None
+    # "cached": image tokens and text latents computed once (in RAM for a small set, or features_dir); "online":
+    # DataLoader workers decode the photos and the frozen encoders run inside the training step (no disk cache).
+    image_features: str = "cached"
+    image_column: str | None = None  # the image / caption column of a JSONL/CSV pairs file, or member of a webdataset
+    caption_column: str | None = None
+    max_bad_share: float = 0.01  # the run stops when more of the samples than this were skipped (corrupt, no caption)
+    num_workers: int = 0  # DataLoader workers
+    grad_accum: int = 1  # accumulation steps: the global batch_size is split into grad_accum micro-batches
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16", "fp16" (with GradScaler)
+    tf32: bool = True  # TF32 matmuls on CUDA GPUs that have them
+    compile: bool = False  # torch.compile the model's training step
+    dist_timeout_s: int = 1800  # process-group timeout: a rank that waits longer than this fails instead of hanging
+    keep_checkpoints: int = 1  # the last K checkpoints are kept (checkpoint = the latest, checkpoint-<step> the older)
+    epochs: int | None = None  # with it, max_steps = epochs x (captions // batch_size)
     tensorboard: bool = False
     log_every: int = 50
     progress: bool = True
@@ -188,12 +208,14 @@ def _check_fields(cls: type, d: Any, what: str, prefix: str = "") -> None:
 
 _CHOICES = {
     "model_type": ("ladic", "ar"), "optimizer": ("adamw", "sgd"), "distill_select": ("mbr", "references"),
-    "distill_dangling": ("keep", "reference"), "references": ("all", "consensus"),
+    "distill_dangling": ("keep", "reference"), "references": ("all", "consensus"), "image_features": ("cached", "online"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
 }
 _AT_LEAST = {
     "batch_size": 1, "max_steps": 0, "save_every": 1, "eval_every": 0, "val_images": 0, "val_steps": 1, "log_every": 1,
     "stats_captions": 1, "distill_beams": 1, "distill_mbr": 1, "distill_pool_beams": 1, "reward_samples": 1,
     "num_scenes": 1, "scene_size": 8, "scene_max_objects": 1, "scene_captions": 0, "train_images": 1,
+    "num_workers": 0, "grad_accum": 1, "dist_timeout_s": 1, "keep_checkpoints": 1, "epochs": 1,
 }
 
 
@@ -213,21 +235,42 @@ def check_train_config(tc: TrainConfig) -> None:
     for key in ("lr", "reward_temperature"):
         if not getattr(tc, key) > 0:
             raise ConfigError(f"{key} must be > 0, got {getattr(tc, key)}")
-    for key in ("warmup_ratio", "ema_decay", "distill_noise_prob"):
+    for key in ("warmup_ratio", "ema_decay", "distill_noise_prob", "max_bad_share"):
         if not 0 <= getattr(tc, key) <= 1:
             raise ConfigError(f"{key} must be in [0, 1], got {getattr(tc, key)}")
     for key in ("weight_decay", "grad_clip", "reward_weight", "reward_supervised_weight"):
         if not getattr(tc, key) >= 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(tc, key)}")
-    if tc.data not in ("flickr8k", "scenes"):
+    from ladic.data.sources import DataError, expand_shards, is_webdataset
+
+    if is_webdataset(tc.data):
+        try:
+            expand_shards(tc.data)
+        except DataError as e:
+            raise ConfigError(f"data: {e}") from None
+        if tc.val_data is not None and not Path(tc.val_data).is_file():
+            raise ConfigError(f"val_data {tc.val_data!r}: not a caption file (JSON, JSONL or CSV)")
+    elif tc.data not in ("flickr8k", "scenes"):
         for key in ("data", "val_data"):
             if getattr(tc, key) is not None and not Path(getattr(tc, key)).is_file():
-                raise ConfigError(f"{key} {getattr(tc, key)!r}: not 'flickr8k', 'scenes' or a caption file (JSON, "
-                                  f"JSONL or CSV)")
+                raise ConfigError(f"{key} {getattr(tc, key)!r}: not 'flickr8k', 'scenes', a caption file (JSON, "
+                                  f"JSONL or CSV) or webdataset shards (.tar)")
         if tc.image_root is None or not Path(tc.image_root).is_dir():
             raise ConfigError(f"image_root must name the image folder of the caption file {tc.data}, got {tc.image_root!r}")
     elif tc.val_data is not None:
         raise ConfigError(f"val_data goes with a caption file as data, not data={tc.data!r}")
+    if tc.features_dir is not None and not Path(tc.features_dir, "manifest.json").is_file():
+        raise ConfigError(f"features_dir {tc.features_dir!r}: not a finished `ladic features` folder (no manifest.json)")
+    scale = tc.features_dir is not None or tc.image_features == "online"
+    if scale and tc.data == "scenes":
+        raise ConfigError("features_dir and image_features=online read caption files or shards, not data=scenes")
+    in_ram = [k for k in ("distill_from", "flip_augment", "reward_weight", "distill_noise_prob") if getattr(tc, k)]
+    in_ram += ["references=consensus"] if tc.references == "consensus" else []
+    if scale and in_ram:
+        raise ConfigError(f"{', '.join(in_ram)} need(s) the in-RAM feature cache; drop features_dir / "
+                          f"image_features=online, or the option")
+    if tc.batch_size % tc.grad_accum:
+        raise ConfigError(f"batch_size {tc.batch_size} is not divisible by grad_accum {tc.grad_accum}")
     if tc.tensorboard:
         import importlib.util
 
@@ -290,8 +333,8 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> tuple[Dist, torch.device]:
-    """Read torchrun's environment; gloo on CPU, NCCL on GPU."""
+def init_distributed(timeout_s: int = 1800) -> tuple[Dist, torch.device]:
+    """Read torchrun's environment; gloo on CPU, NCCL on GPU; a collective that waits over ``timeout_s`` fails."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     if torch.cuda.is_available():
@@ -300,7 +343,9 @@ def init_distributed() -> tuple[Dist, torch.device]:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        from datetime import timedelta
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return d, device
 
 
@@ -393,10 +438,6 @@ def training_features(tc: TrainConfig, model: LaDiC, records: list, cache: str |
     return train
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
 def global_batch(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
     """Indices of the global batch of ``step``; epochs are consecutive permutations (last partial batch dropped)."""
     per_epoch = max(n // batch_size, 1)
@@ -416,7 +457,8 @@ def _ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], d
 
 
 def save_checkpoint(path: Path, model: LaDiC, ema: dict[str, torch.Tensor], opt, sched, step: int, tc: TrainConfig) -> None:
-    """Atomic: written to a temporary folder, then renamed over ``path``."""
+    """Atomic: written to a temporary folder, then renamed over ``path``. With ``keep_checkpoints`` K > 1 the one it
+    replaces becomes ``<path>-<its step>`` and only the newest K - 1 of those stay."""
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -429,10 +471,14 @@ def save_checkpoint(path: Path, model: LaDiC, ema: dict[str, torch.Tensor], opt,
     (tmp / "latent_stats.json").write_text(json.dumps({"mean": model.text.latent_mean.tolist(), "std": model.text.latent_std.tolist()}))
     old = path.with_name(path.name + ".old")
     if path.exists():
-        path.rename(old)
+        previous = _checkpoint_step(path) if tc.keep_checkpoints > 1 else None
+        path.rename(path.with_name(f"{path.name}-{previous:07d}") if previous is not None else old)
     tmp.rename(path)
     if old.exists():
         shutil.rmtree(old)
+    for stale in sorted(path.parent.glob(f"{path.name}-[0-9]*"))[: max(len(list(path.parent.glob(f"{path.name}-[0-9]*")))
+                                                                   - (tc.keep_checkpoints - 1), 0)]:
+        shutil.rmtree(stale)
 
 
 def export_ema(model: LaDiC, ema: dict[str, torch.Tensor], out: Path, dtype: torch.dtype | None = None) -> None:
@@ -468,14 +514,193 @@ def validate(model: LaDiC, ema: dict[str, torch.Tensor], val: FeatureSet, tc: Tr
     return out
 
 
+# ---------------------------------------------------------------------------- data at scale
+@dataclass
+class TrainData:
+    """What the loop trains on: a dataset indexed by ``BatchPlan`` (or a stream of batches), and what else it needs."""
+
+    dataset: Any  # InMemoryFeatures | PlannedShards | OnlineRecords (map-style) or OnlineStream (iterable)
+    size: int | None  # training captions (None for a stream)
+    online: bool = False
+    features: FeatureSet | None = None  # the in-RAM set (references, trajectory keys, vocabulary)
+    records: list | None = None  # the caption records of an online run
+
+
+def training_data(tc: TrainConfig, model: LaDiC, d: "Dist", progress: bool) -> tuple[TrainData, FeatureSet | None, list | None]:
+    """(training data, validation features, validation images of scenes) for the run's data mode."""
+    from ladic.data.loader import InMemoryFeatures, OnlineRecords, OnlineStream, PlannedShards
+    from ladic.data.shards import ShardedFeatures
+    from ladic.data.sources import CaptionSource
+
+    from ladic.data.sources import DataError, is_webdataset
+
+    if tc.features_dir is None and tc.image_features == "cached":
+        if is_webdataset(tc.data):
+            raise DataError("webdataset shards train from a `ladic features` folder (features_dir) or with "
+                            "image_features=online")
+        train_set, val_set, val_images = load_datasets(tc, model, progress)
+        return TrainData(InMemoryFeatures(train_set), len(train_set), features=train_set), val_set, val_images
+    val_set = scale_validation(tc, model, progress)
+    if tc.features_dir is not None:
+        shards = ShardedFeatures(tc.features_dir)
+        shards.check_model(model)
+        return TrainData(PlannedShards(shards), len(shards)), val_set, None
+    enc = model.image_encoder
+    draft = enc.image_size
+    tokenize = model.text.tokenize
+    source = CaptionSource(tc.data, tc.image_root, tc.train_split, image_column=tc.image_column,
+                           caption_column=tc.caption_column)
+    if source.kind in ("records", "flickr8k"):
+        records = source.records()[: tc.train_images]
+        data = OnlineRecords(records, enc.preprocess, tokenize, draft)
+        return TrainData(data, len(data), online=True, records=records), val_set, None
+    local = tc.batch_size // tc.grad_accum // d.world
+    stream = OnlineStream(source, enc.preprocess, tokenize, draft, local, tc.seed, d.rank, d.world)
+    return TrainData(stream, None, online=True), val_set, None
+
+
+def scale_validation(tc: TrainConfig, model: LaDiC, progress: bool) -> FeatureSet | None:
+    """The in-RAM validation features of a features_dir / online run: ``val_data``, else ``data``'s val split; none
+    for webdataset shards without ``val_data``."""
+    from ladic.data.captions import load_captions, load_flickr8k
+    from ladic.data.sources import is_webdataset
+
+    src = tc.val_data or tc.data
+    if not tc.val_images or is_webdataset(src):
+        if tc.val_images and progress:
+            print("no validation: webdataset training data without val_data")
+        return None
+    recs = load_flickr8k(tc.val_split) if src == "flickr8k" else load_captions(src, tc.image_root, tc.val_split)
+    return build_features(model, recs[: tc.val_images], None, progress=progress)
+
+
+def stats_sample(tc: TrainConfig, data: TrainData, model: LaDiC) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden (n, L, D), ids (n, L)) of up to ``stats_captions`` training captions, for the latent mean/std."""
+    from ladic.data.features import encode_texts
+
+    if data.features is not None:
+        rows = epoch_order(len(data.features), tc.seed, -1)[: tc.stats_captions]
+        return data.features.hidden[rows], data.features.ids[rows]
+    if data.records is None and data.size is not None:  # shards
+        rows = epoch_order(data.size, tc.seed, -1)[: tc.stats_captions].sort().values
+        b = data.dataset.shards[rows.tolist()]
+        return b["hidden"], b["ids"]
+    if data.records is not None:
+        captions = [c for r in data.records for c in r.captions]
+        rows = epoch_order(len(captions), tc.seed, -1)[: tc.stats_captions].tolist()
+        captions = [captions[i] for i in rows]
+    else:  # a stream: its first captions
+        captions = []
+        for sample in data.dataset.source:
+            captions += sample.captions
+            if len(captions) >= tc.stats_captions:
+                break
+    t = encode_texts(model.text, captions[: tc.stats_captions])
+    return t["hidden"], t["ids"]
+
+
+def vocabulary_and_lengths(data: TrainData, model: LaDiC, stats_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(every training word-piece id (1, V), or None for a stream; counts of caption lengths with [CLS]/[SEP]))."""
+    pad, length = model.text.tokenizer.pad_token_id, model.config.max_length
+    if data.features is not None:
+        ids = data.features.ids
+    elif data.records is not None:
+        chunks = [model.text.tokenize(c)["input_ids"] for r in range(0, len(data.records), 4096)
+                  for c in [[x for rec in data.records[r : r + 4096] for x in rec.captions]]]
+        ids = torch.cat(chunks)
+    elif data.size is not None:
+        return data.dataset.shards.token_stats(pad)
+    else:
+        return None, torch.bincount((stats_ids != pad).sum(1), minlength=length + 1)
+    return ids.unique()[None], torch.bincount((ids != pad).sum(1), minlength=length + 1)
+
+
+def _percentile_of_counts(counts: torch.Tensor, q: float) -> int:
+    """The q-quantile of caption lengths in word pieces from counts of lengths with [CLS]/[SEP]."""
+    cum = counts.cumsum(0).double() / max(int(counts.sum()), 1)
+    return max(int(torch.searchsorted(cum, torch.tensor(q, dtype=torch.float64))) - 2, 0)
+
+
+def same_on_every_rank(d: "Dist", what: dict[str, Any]) -> None:
+    """Raise ``DataError`` naming the difference when the ranks do not see the same ``what`` (a checkpoint, a
+    training set): one clear error on every rank instead of a hang or a silent restart on one of them."""
+    if d.world == 1:
+        return
+    seen: list = [None] * d.world
+    dist.all_gather_object(seen, what)
+    for r, other in enumerate(seen):
+        if other != seen[0]:
+            key = next(k for k in what if other.get(k) != seen[0].get(k))
+            from ladic.data.sources import DataError
+
+            raise DataError(f"the ranks disagree on {key}: rank 0 sees {seen[0].get(key)!r}, rank {r} sees "
+                             f"{other.get(key)!r} (a checkpoint or data folder not visible to every machine?)")
+
+
+def _checkpoint_step(ckpt: Path) -> int | None:
+    if not (ckpt / "weights.safetensors").is_file():
+        return None
+    return int(torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"])
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class Metrics:
+    """log.jsonl (every record) and metrics.csv / val_metrics.csv (fixed columns, appended across resumes)."""
+
+    TRAIN = ("step", "loss", "latent", "caption", "lr", "elapsed_s", "samples_per_s", "data_wait", "policy", "reward",
+             "reward_greedy")
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.log = (out / "log.jsonl").open("a")
+
+    def _csv(self, name: str, rec: dict, columns: Sequence[str]) -> None:
+        import csv
+
+        path = self.out / name
+        new = not path.is_file()
+        with path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(rec)
+
+    def train(self, rec: dict) -> None:
+        self.log.write(json.dumps(rec) + "\n")
+        self.log.flush()
+        self._csv("metrics.csv", rec, self.TRAIN)
+
+    def val(self, res: dict) -> None:
+        self.log.write(json.dumps({"val": res}) + "\n")
+        self.log.flush()
+        path = self.out / "val_metrics.csv"
+        scalars = ["step"] + sorted(k for k, v in res.items() if isinstance(v, (int, float)) and k != "step")
+        columns = path.open().readline().strip().split(",") if path.is_file() else scalars
+        self._csv("val_metrics.csv", res, columns)
+
+    def close(self) -> None:
+        self.log.close()
+
+
 # ---------------------------------------------------------------------------- main loop
 def train(tc: TrainConfig, resume: bool = False) -> Path:
     """Run (or resume) training. Returns the folder of the exported EMA model (``<out_dir>/final``)."""
-    d, device = init_distributed()
+    from contextlib import nullcontext
+
+    from ladic.data.loader import StepBatches, row_draws
+
+    d, device = init_distributed(tc.dist_timeout_s)
     out = Path(tc.out_dir)
     ckpt = out / "checkpoint"
     progress = tc.progress and d.main
+    same_on_every_rank(d, {"checkpoint step": _checkpoint_step(ckpt) if resume else None})
     torch.manual_seed(tc.seed)
+    if device.type == "cuda" and tc.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     from ladic.models import model_class
 
     model = model_class(tc.model_type)(model_config(tc)).to(device)
@@ -484,18 +709,27 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
         if saved != model.config.input_scaling:
             raise ValueError(f"{ckpt} was trained with input_scaling={saved!r}, this run's config says "
                              f"{model.config.input_scaling!r}; resume it with --set model.input_scaling={saved}")
-    train_set, val_set, val_images = load_datasets(tc, model, progress)
-    if len(train_set) < tc.batch_size:
-        raise ValueError(f"batch_size {tc.batch_size} is larger than the training set ({len(train_set)} captions)")
-    if tc.batch_size % d.world:
-        raise ValueError(f"batch_size {tc.batch_size} is not divisible by the {d.world} processes")
+    data, val_set, val_images = training_data(tc, model, d, progress)
+    same_on_every_rank(d, {"training captions": data.size})
+    if data.size is not None and data.size < tc.batch_size:
+        raise ValueError(f"batch_size {tc.batch_size} is larger than the training set ({data.size} captions)")
+    if tc.batch_size % (d.world * tc.grad_accum):
+        raise ValueError(f"batch_size {tc.batch_size} is not divisible by {d.world} processes x {tc.grad_accum} "
+                         f"accumulation steps")
+    if tc.epochs:
+        if data.size is None:
+            raise ValueError("epochs needs a set of known size; a streaming source trains for max_steps")
+        tc = dataclasses.replace(tc, max_steps=tc.epochs * max(data.size // tc.batch_size, 1))
+    if tc.restrict_vocab and data.size is None and not tc.init_from:
+        raise ValueError("restrict_vocab needs every training caption; with a streaming source make a features "
+                         "folder first (ladic features)")
+    stats_hidden, stats_ids = stats_sample(tc, data, model)
     if tc.init_from:  # weights and latent stats of a model folder; fresh optimizer, schedule and EMA
         fresh = model.load_folder_weights(tc.init_from, missing_ok=True)
         if fresh and d.main:
             print(f"init_from {tc.init_from}: new modules start from their initialisation: {', '.join(fresh)}")
     else:
-        stats_ids = epoch_order(len(train_set), tc.seed, -1)[: tc.stats_captions]
-        fit_stats_from_hidden(model, train_set.hidden[stats_ids], train_set.ids[stats_ids])
+        fit_stats_from_hidden(model, stats_hidden.to(device), stats_ids.to(device))
 
     params = [p for p in model.parameters() if p.requires_grad]
     if tc.optimizer == "sgd":
@@ -505,14 +739,14 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
     else:
         raise ValueError(f"unknown optimizer {tc.optimizer!r}; use 'adamw' or 'sgd'")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(tc, s))
+    vocab, lengths = vocabulary_and_lengths(data, model, stats_ids)
     if tc.restrict_vocab and not model.text.output_vocab_size:  # (an init_from folder may bring its own)
-        model.restrict_output_vocab(train_set.ids)
+        model.restrict_output_vocab(vocab)
     if hasattr(model.config, "trained_length_p99"):
-        p99 = length_percentile(train_set.ids, 0.99, model.text.tokenizer.pad_token_id)
-        model.config = model.config.replace(trained_length_p99=p99)
+        model.config = model.config.replace(trained_length_p99=_percentile_of_counts(lengths, 0.99))
     ema = {k: v.detach().clone().float() if v.is_floating_point() else v.clone()
            for k, v in model.trainable_state_dict().items()}
-    image_keys = trajectory_keys(tc, model, train_set)
+    image_keys = trajectory_keys(tc, model, data.features) if data.features is not None else None
     step = 0
     if resume and (ckpt / "weights.safetensors").is_file():
         model.load_trainable_state_dict(load_file(str(ckpt / "weights.safetensors")), source=str(ckpt))
@@ -527,88 +761,127 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
     if tc.reward_weight > 0:
         from ladic.reward import CiderReward
 
+        train_set = data.features
         reward = CiderReward([train_set.references[i] for i in train_set.image_ids], tc.reward_weight, tc.reward_samples,
                              tc.reward_supervised_weight, tc.reward_temperature)
     ddp = DistributedDataParallel(model) if d.world > 1 else model
+    step_fn = torch.compile(ddp) if tc.compile else ddp
     writer = None
     if tc.tensorboard and d.main:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
         writer = SummaryWriter(str(out / "tb"))
     out.mkdir(parents=True, exist_ok=True)
-    log = (out / "log.jsonl").open("a") if d.main else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    local = tc.batch_size // d.world
+    metrics = Metrics(out) if d.main else None
+    precision = tc.precision if tc.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if data.size is not None:
+        sampler = StepBatches(data.size, tc.batch_size, tc.seed, step, tc.max_steps, d.rank, d.world, tc.grad_accum)
+        loader = torch.utils.data.DataLoader(data.dataset, sampler=sampler, batch_size=None, num_workers=tc.num_workers,
+                                             pin_memory=device.type == "cuda",
+                                             prefetch_factor=4 if tc.num_workers else None)
+    else:
+        loader = torch.utils.data.DataLoader(data.dataset, batch_size=None, num_workers=tc.num_workers,
+                                             pin_memory=device.type == "cuda", prefetch_factor=4 if tc.num_workers else None)
+    batches = iter(loader)
+    bad = None
+    if data.online:
+        from ladic.data.sources import BadSamples
+
+        bad = BadSamples(max_share=tc.max_bad_share)
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", disable=not progress)
     model.train()
-    t0 = time.time()
+    t0 = window_t = time.time()
+    saved, window_step, wait = None, step, 0.0  # data_wait: the share of the time since the last log record spent waiting for data
     while step < tc.max_steps:
-        idx = global_batch(len(train_set), tc.batch_size, tc.seed, step)
-        gen = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
-        draws = model.draw_training_noise(tc.batch_size, gen)
-        if image_keys is not None:
-            keys = [image_keys[i] for i in train_set.caption_image[idx].tolist()]
-            draws = with_teacher_noise(draws, gen, tc.distill_noise_prob, keys, model.diffusion.num_timesteps)
-        mine = slice(d.rank * local, (d.rank + 1) * local)
-        idx = idx[mine]
-        draws = {k: v[mine] for k, v in draws.items()}
+        t_wait = time.perf_counter()
+        micro = [next(batches) for _ in range(tc.grad_accum)]
+        wait += time.perf_counter() - t_wait
         torch.manual_seed(tc.seed * 7_919 + step * d.world + d.rank)  # dropout
-        with autocast:
-            losses = ddp(
-                train_set.images[train_set.caption_image[idx]].to(device).float(),
-                train_set.hidden[idx].to(device), train_set.ids[idx].to(device).long(), draws,
-                **({} if reward is None else {"reward": reward, "image_index": train_set.caption_image[idx]}),
-            )
-        loss = losses["loss"]
-        check = loss.detach().clone()
-        if step == tc.fail_at_step:
-            check.fill_(float("nan"))
-        if d.world > 1:
-            dist.all_reduce(check)
+        opt.zero_grad(set_to_none=True)
+        check = torch.zeros((), device=device)
+        parts: dict[str, float] = {}
+        for m, batch in enumerate(micro):
+            if bad is not None:
+                bad.merge(batch["bad"])
+                bad.check()
+            plan = batch["plan"]
+            keys = [image_keys[i] for i in batch["image_index"].tolist()] if image_keys is not None else None
+            draws = row_draws(model, tc.seed, step, plan.positions, keys, tc.distill_noise_prob)
+            batch = _to_device(batch, device)
+            if data.online:
+                with torch.no_grad():
+                    images = model.image_encoder(batch["pixels"]) if model.image_encoder.pretrained else batch["pixels"]
+                    hidden = model.text.encode_hidden(batch["ids"], batch["attention_mask"])
+            else:
+                images, hidden = batch["images"], batch["hidden"]
+            sync = ddp.no_sync() if d.world > 1 and m < len(micro) - 1 else nullcontext()
+            with sync:
+                with autocast:
+                    losses = step_fn(images, hidden, batch["ids"], {k: v.to(device) for k, v in draws.items()},
+                                     **({} if reward is None else {"reward": reward, "image_index": batch["image_index"]}))
+                loss = losses["loss"].float() / len(micro)
+                check = check + loss.detach()
+                if step == tc.fail_at_step:
+                    check = check + float("nan")
+                scaler.scale(loss).backward()
+            for k in ("latent", "caption", "policy", "reward", "reward_greedy"):
+                if k in losses:
+                    parts[k] = parts.get(k, 0.0) + losses[k].item() / len(micro)
+        if d.world > 1:  # (the logged parts too: every rank's mean, not rank 0's)
+            both = torch.cat([check.reshape(1), torch.tensor(list(parts.values()), device=device)])
+            dist.all_reduce(both)
+            both /= d.world
+            check, parts = both[0], dict(zip(parts, both[1:].tolist()))
         if not torch.isfinite(check):
             raise TrainingDiverged(
                 f"loss is {check.item()} at step {step}; stopping. The last good checkpoint in {ckpt} is intact "
                 f"(resume with --resume, perhaps with a lower lr than {tc.lr})."
             )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         _ema_update(ema, model.trainable_state_dict(), tc.ema_decay, step)
         step += 1
         bar.update(1)
         if d.main and (step % tc.log_every == 0 or step == tc.max_steps):
-            rec = {"step": step, "loss": loss.item(), "latent": losses["latent"].item(), "caption": losses["caption"].item(),
-                   "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1)}
-            rec.update({k: losses[k].item() for k in ("policy", "reward", "reward_greedy") if k in losses})
+            now = time.time()
+            window = max(now - window_t, 1e-9)
+            rec = {"step": step, "loss": check.item(), **parts, "lr": sched.get_last_lr()[0],
+                   "elapsed_s": round(now - t0, 1), "samples_per_s": round(tc.batch_size * (step - window_step) / window, 2),
+                   "data_wait": round(wait / window, 4)}
+            window_t, window_step, wait = now, step, 0.0
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
+            metrics.train(rec)
             if writer is not None:
-                for k in ("loss", "latent", "caption", "lr", "policy", "reward", "reward_greedy"):
+                for k in ("loss", "latent", "caption", "lr", "policy", "reward", "reward_greedy", "data_wait"):
                     if k in rec:
                         writer.add_scalar(f"train/{k}", rec[k], step)
         if d.main and step % tc.save_every == 0:
             save_checkpoint(ckpt, model, ema, opt, sched, step, tc)
+            saved = step
         if d.main and val_set is not None and tc.eval_every > 0 and (step % tc.eval_every == 0 or step == tc.max_steps):
             res = validate(model, ema, val_set, tc, val_images)
             res["step"] = step
             tqdm.write(f"val step {step}: " + json.dumps(res))
-            log.write(json.dumps({"val": res}) + "\n")
-            log.flush()
+            metrics.val(res)
             if writer is not None:
                 for k, v in res.items():
                     if isinstance(v, float):
                         writer.add_scalar(f"val/{k}", v, step)
-        if d.world > 1:
-            dist.barrier()
     bar.close()
+    if bad is not None and bad.skipped and d.main:
+        print(bad.summary())
     final = out / "final"
     if d.main:
-        save_checkpoint(ckpt, model, ema, opt, sched, step, tc)
+        if saved != step:
+            save_checkpoint(ckpt, model, ema, opt, sched, step, tc)
         export_ema(model, ema, final)
-        log.close()
+        metrics.close()
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()
