@@ -42,7 +42,7 @@ BAD = [
     (["train", "--set", "batch_size=0"], "batch_size must be >= 1, got 0"),
     (["train", "--set", "preset=huge"], "unknown preset 'huge'"),
     (["train", "--set", "references=some"], "references must be one of all, consensus"),
-    (["train", "--set", "data=/no/such.json"], "not 'flickr8k', 'scenes' or a caption file (JSON, JSONL or CSV)"),
+    (["train", "--set", "data=/no/such.json"], "not 'flickr8k', 'scenes', a caption file (JSON, JSONL or CSV) or webdataset shards"),
     (["train", "--set", "init_from=EMPTY"], "not a model folder (no config.json there)"),
     (["train", "--set", "oops"], "override 'oops' is not key=value"),
     (["train", "--set", "model.image_encoder=nope"], "unknown image encoder 'nope'"),

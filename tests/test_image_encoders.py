@@ -54,7 +54,7 @@ def encoders(dinov2_cache) -> dict[str, ImageEncoder]:
 
 def test_registry():
     assert available_image_encoders() == [
-        "efficientnet-lite0", "efficientnet-lite2", "dinov2-s", "dinov2-s-grid8", "dinov2-s-grid7", "tiny"]
+        "efficientnet-lite0", "efficientnet-lite2", "dinov2-s", "dinov2-s-grid8", "dinov2-s-grid7", "tiny", "tiny-frozen"]
     with pytest.raises(ValueError, match="unknown image encoder"):
         build_image_encoder("resnet-50")
 
@@ -207,7 +207,16 @@ def _clip(path: Path):
     return model, 1 + 2 * 2
 
 
-@pytest.mark.parametrize("make", [_vit, _dinov2, _clip], ids=["vit", "dinov2", "clip"])
+def _blip_vision(path: Path):
+    """A BLIP vision tower saved alone (AutoModel does not map it; its config names its class)."""
+    from transformers import BlipImageProcessorPil, BlipVisionConfig, BlipVisionModel
+
+    model = BlipVisionModel(BlipVisionConfig(**TOWER, image_size=32, patch_size=16))
+    BlipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(path)
+    return model, 1 + 2 * 2
+
+
+@pytest.mark.parametrize("make", [_vit, _dinov2, _clip, _blip_vision], ids=["vit", "dinov2", "clip", "blip-vision"])
 def test_hf_local_folder_round_trip(tmp_path, make):
     torch.manual_seed(0)
     model, num_tokens = make(tmp_path)
@@ -224,6 +233,36 @@ def test_hf_local_folder_round_trip(tmp_path, make):
     tower = getattr(model, "vision_model", model)
     with torch.no_grad():
         torch.testing.assert_close(tokens, tower(pixel_values=x).last_hidden_state)
+
+
+def test_hf_options_dtype_revision_and_weights_key(tmp_path):
+    from ladic.image_encoders import EncoderLoadError
+
+    model, _ = _vit(tmp_path)
+    model.eval().save_pretrained(tmp_path)
+    enc = build_image_encoder(f"hf:{tmp_path}", dtype="bfloat16", local_files_only=True)
+    assert next(enc.model.parameters()).dtype == torch.bfloat16
+    assert enc.encode(sample_images()).dtype == torch.float32
+    key = build_image_encoder(f"hf:{tmp_path}").cache_key
+    with torch.no_grad():
+        model.embeddings.patch_embeddings.projection.weight.add_(0.01)
+    model.save_pretrained(tmp_path)  # the same folder, other weights: another cache key
+    assert build_image_encoder(f"hf:{tmp_path}").cache_key != key
+    with pytest.raises(EncoderLoadError, match="unknown option"):
+        build_image_encoder(f"hf:{tmp_path}", precision="fp8")
+    with pytest.raises(EncoderLoadError, match="dtype 'int8'"):
+        build_image_encoder(f"hf:{tmp_path}", dtype="int8")
+
+
+def test_naflex_towers_are_refused_in_one_line(tmp_path):
+    from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
+
+    from ladic.image_encoders import EncoderLoadError
+
+    Siglip2VisionModel(Siglip2VisionConfig(**TOWER, patch_size=8, num_patches=16)).save_pretrained(tmp_path)
+    Siglip2ImageProcessor(patch_size=8, max_num_patches=16).save_pretrained(tmp_path)
+    with pytest.raises(EncoderLoadError, match="NaFlex tower .* fixed-resolution"):
+        build_image_encoder(f"hf:{tmp_path}")
 
 
 def test_grid_pooling_of_dinov2(encoders):

@@ -179,7 +179,7 @@ def test_training_from_shards_two_processes_and_accumulation_equal_one_process(t
         w1, w2 = (load_file(str(tmp_path / n / "checkpoint" / "weights.safetensors")) for n in ("one", name))
         assert all(torch.allclose(w1[k], w2[k], atol=1e-6, rtol=1e-4) for k in w1), name
     rows = (tmp_path / "two" / "metrics.csv").read_text().splitlines()
-    assert rows[0].startswith("step,loss,latent,caption,lr,elapsed_s,samples_per_s,data_wait") and len(rows) == 5
+    assert rows[0].startswith("step,loss,latent,caption,lr,elapsed_s,samples_per_s,data_wait,peak_rss_mb") and len(rows) == 5
 
 
 def test_online_training_from_pairs_and_from_webdataset(tmp_path, synthetic):

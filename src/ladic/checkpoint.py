@@ -52,7 +52,7 @@ class Captioner(nn.Module):
             reassign_special=config.special_token_latent == "zero", normalize=config.normalize_latents,
             decoder_num_layers=config.decoder_num_layers, output_vocab_size=config.output_vocab_size,
         )
-        self.image_encoder = image_encoder or build_image_encoder(config.image_encoder)
+        self.image_encoder = image_encoder or build_image_encoder(config.image_encoder, **config.image_encoder_options)
 
     def restrict_output_vocab(self, token_ids: torch.Tensor) -> None:
         """Let the LM head score only ``token_ids`` (plus the special tokens), e.g. the ids of the training

@@ -388,7 +388,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     if args.shard_size < 1 or args.batch_size < 1:
         raise UsageError("--shard-size and --batch-size must be >= 1")
     try:
-        tc = TrainConfig.load(args.config, list(args.set or []))
+        tc = TrainConfig.load(args.config, list(args.set or []) + ["features_dir=null"])  # (the folder being made)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     if tc.data == "scenes":
@@ -406,8 +406,11 @@ def cmd_features(args: argparse.Namespace) -> int:
     except (DataError, EncoderLoadError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"rank {d.rank}: {res.written} shards written, {res.already} already in {args.out}"
-          + (f"; {res.bad.summary()}" if res.bad.skipped else ""))
+          + (f"; {res.bad.summary()}" if res.bad.skipped else "") + f" (peak memory {peak:.0f} MB)")
     if d.main:
         print(f"train from them with: ladic train --config {args.config or '...'} --set features_dir={args.out}")
     return 0

@@ -27,6 +27,9 @@ class LaDiCConfig:
     max_length: int = 24  # L, tokens per caption including [CLS] and [SEP]
     # Image side.
     image_encoder: str = "efficientnet-lite0"  # see ladic.image_encoders.available_image_encoders()
+    # Options of an "hf:" tower: revision (a branch, tag or commit of a Hub repository), dtype ("float32",
+    # "bfloat16", "float16": the tower's weights; its tokens are float32) and local_files_only (never ask the Hub).
+    image_encoder_options: dict = dataclasses.field(default_factory=dict)
     image_conditioning: str = "cross_attn"  # "cross_attn" (paper) or "prepend" (ablation: pooled image as a CLS token)
     # Diffuser.
     hidden_size: int = 384

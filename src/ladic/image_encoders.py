@@ -78,6 +78,20 @@ def pixels(images: Sequence[Image.Image], size: int, mean: Sequence[float], std:
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
+def encoder_weights_key(encoder: nn.Module) -> str:
+    """sha1 over an encoder's name, preprocessing and every weight: a changed checkpoint in the same folder gives
+    another key (feature caches are keyed by it)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha1(json.dumps([getattr(encoder, "name", ""), getattr(encoder, "image_size", 0),
+                                 list(getattr(encoder, "mean", ())), list(getattr(encoder, "std", ()))]).encode())
+    for name, t in sorted(encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 class EncoderLoadError(RuntimeError):
     """An image encoder's weights cannot be loaded (a Hub name without a cache offline, a missing folder)."""
 
@@ -349,31 +363,69 @@ class GridPooledEncoder(ImageEncoder):
 
 
 class HFImageEncoder(ImageEncoder):
-    """A transformers vision tower (``"hf:<name or folder>"``); tokens are its ``last_hidden_state``."""
+    """A transformers vision tower (``"hf:<name or folder>"``); tokens are its ``last_hidden_state``.
 
-    def __init__(self, name_or_path: str, **from_pretrained_kwargs) -> None:
+    ``revision``, ``dtype`` ("float32", "bfloat16", "float16") and ``local_files_only`` go to ``from_pretrained``. A
+    tower saved alone (e.g. ``BlipVisionModel``, which ``AutoModel`` does not map) loads through the class its
+    config names. NaFlex towers (SigLIP2 with variable patch grids) are refused: LaDiC needs a fixed token count.
+    """
+
+    HF_OPTIONS = ("revision", "dtype", "local_files_only")
+
+    def __init__(self, name_or_path: str, **options) -> None:
         super().__init__()
-        from transformers import AutoImageProcessor, AutoModel
+        import transformers
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
         self.name = HF_PREFIX + name_or_path
+        unknown = sorted(set(options) - set(self.HF_OPTIONS))
+        if unknown:
+            raise EncoderLoadError(f"image encoder {self.name}: unknown option(s) {', '.join(unknown)}; use "
+                                   f"{', '.join(self.HF_OPTIONS)}")
+        dtype = options.pop("dtype", "float32")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise EncoderLoadError(f"image encoder {self.name}: dtype {dtype!r}; use float32, bfloat16 or float16")
+        hub = {k: v for k, v in options.items() if v is not None}
+        from ladic.text_space import quiet_hf_progress
+
         try:
-            self.processor = AutoImageProcessor.from_pretrained(name_or_path)
-            model = AutoModel.from_pretrained(name_or_path, **from_pretrained_kwargs)
+            self.processor = AutoImageProcessor.from_pretrained(name_or_path, **hub)
+            with quiet_hf_progress():
+                try:
+                    model = AutoModel.from_pretrained(name_or_path, dtype=getattr(torch, dtype), **hub)
+                except ValueError:  # a config AutoModel does not map (a vision tower saved alone): its own class
+                    arch = (AutoConfig.from_pretrained(name_or_path, **hub).architectures or [""])[0]
+                    if not hasattr(transformers, arch):
+                        raise
+                    model = getattr(transformers, arch).from_pretrained(name_or_path, dtype=getattr(torch, dtype), **hub)
         except OSError as e:  # neither a local folder nor fetchable (offline, no cache, no such repository)
             raise EncoderLoadError(f"image encoder {self.name}: not a local folder, and not loadable from the Hugging "
                                    f"Face Hub or its cache ({' '.join(str(e).split())[:120]})") from None
-        self.model = getattr(model, "vision_model", model).float()  # CLIP / SigLIP / BLIP: the vision tower only
+        self.model = getattr(model, "vision_model", model)  # CLIP / SigLIP / BLIP: the vision tower only
         self.freeze()
+        probe = self.processor(images=[Image.new("RGB", (64, 48), (127, 127, 127))], return_tensors="pt")
+        if "spatial_shapes" in probe or "pixel_attention_mask" in probe:
+            raise EncoderLoadError(f"image encoder {self.name}: a NaFlex tower (variable patch grid per image) is not "
+                                   f"supported, LaDiC needs a fixed number of image tokens; use a fixed-resolution "
+                                   f"tower (e.g. hf:google/siglip2-base-patch16-224)")
         with torch.no_grad():  # the processor fixes the input size, hence N
             x = self.preprocess([Image.new("RGB", (64, 48), (127, 127, 127))])
             _, self.num_tokens, self.dim = self(x).shape
         self.image_size = x.shape[-1]
 
+    @property
+    def cache_key(self) -> str:
+        """What the in-RAM feature cache is keyed by besides the name: the weights (a folder's may change)."""
+        if not hasattr(self, "_cache_key"):
+            self._cache_key = encoder_weights_key(self)
+        return self._cache_key
+
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.processor(images=_rgb_images(images), return_tensors="pt")["pixel_values"].float()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values).last_hidden_state.float()
+        dtype = next(self.model.parameters()).dtype
+        return self.model(pixel_values=pixel_values.to(dtype)).last_hidden_state.float()
 
 
 ENCODERS = {

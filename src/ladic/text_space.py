@@ -8,7 +8,9 @@ zero latent (paper Eq. 1) so that the diffuser learns sentence boundaries and [P
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,17 +33,24 @@ def resolve_text_backbone(name: str) -> str:
     return name
 
 
-def _load_quietly(path: str):
-    """The backbone, without transformers' per-load "Loading weights" progress bar (the user's setting is restored)."""
+@contextlib.contextmanager
+def quiet_hf_progress():
+    """Without transformers' per-load "Loading weights" progress bar (the user's setting is restored)."""
     from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return AutoModel.from_pretrained(path, attn_implementation="eager")
+        yield
     finally:
         if shown:
             hf_logging.enable_progress_bar()
+
+
+def _load_quietly(path: str):
+    """The backbone, without transformers' per-load progress bar."""
+    with quiet_hf_progress():
+        return AutoModel.from_pretrained(path, attn_implementation="eager")
 
 
 def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -284,6 +284,9 @@ def check_train_config(tc: TrainConfig) -> None:
         if not (encoder in available_image_encoders() or (encoder.startswith(HF_PREFIX) and len(encoder) > len(HF_PREFIX))):
             raise ConfigError(f"unknown image encoder {encoder!r}; choose from {', '.join(available_image_encoders())} "
                               f"or 'hf:<name or folder>'")
+    options = tc.model.get("image_encoder_options")
+    if options and not str(encoder or PRESETS[tc.preset]["image_encoder"]).startswith("hf:"):
+        raise ConfigError("model.image_encoder_options apply to 'hf:' image encoders only")
     unknown = sorted(set(tc.distill_sampler) - set(SAMPLING_KEYS))
     if unknown:
         raise ConfigError(f"distill_sampler: {', '.join(unknown)} not a sampling setting; use {', '.join(SAMPLING_KEYS)}")
@@ -643,6 +646,13 @@ def _checkpoint_step(ckpt: Path) -> int | None:
     return int(torch.load(ckpt / "trainer_state.pt", weights_only=True)["step"])
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -650,8 +660,8 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 class Metrics:
     """log.jsonl (every record) and metrics.csv / val_metrics.csv (fixed columns, appended across resumes)."""
 
-    TRAIN = ("step", "loss", "latent", "caption", "lr", "elapsed_s", "samples_per_s", "data_wait", "policy", "reward",
-             "reward_greedy")
+    TRAIN = ("step", "loss", "latent", "caption", "lr", "elapsed_s", "samples_per_s", "data_wait", "peak_rss_mb", "policy",
+             "reward", "reward_greedy")
 
     def __init__(self, out: Path) -> None:
         self.out = out
@@ -777,15 +787,12 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    if data.size is not None:
-        sampler = StepBatches(data.size, tc.batch_size, tc.seed, step, tc.max_steps, d.rank, d.world, tc.grad_accum)
-        loader = torch.utils.data.DataLoader(data.dataset, sampler=sampler, batch_size=None, num_workers=tc.num_workers,
-                                             pin_memory=device.type == "cuda",
-                                             prefetch_factor=4 if tc.num_workers else None)
-    else:
-        loader = torch.utils.data.DataLoader(data.dataset, batch_size=None, num_workers=tc.num_workers,
-                                             pin_memory=device.type == "cuda", prefetch_factor=4 if tc.num_workers else None)
-    batches = iter(loader)
+    # Map-style data: the sampler plans every rank's rows of every step (resumable at any step); a stream plans itself.
+    sampler = (StepBatches(data.size, tc.batch_size, tc.seed, step, tc.max_steps, d.rank, d.world, tc.grad_accum)
+               if data.size is not None else None)
+    batches = iter(torch.utils.data.DataLoader(data.dataset, sampler=sampler, batch_size=None, num_workers=tc.num_workers,
+                                               pin_memory=device.type == "cuda",
+                                               prefetch_factor=4 if tc.num_workers else None))
     bad = None
     if data.online:
         from ladic.data.sources import BadSamples
@@ -853,7 +860,7 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
             window = max(now - window_t, 1e-9)
             rec = {"step": step, "loss": check.item(), **parts, "lr": sched.get_last_lr()[0],
                    "elapsed_s": round(now - t0, 1), "samples_per_s": round(tc.batch_size * (step - window_step) / window, 2),
-                   "data_wait": round(wait / window, 4)}
+                   "data_wait": round(wait / window, 4), "peak_rss_mb": round(_peak_rss_mb())}
             window_t, window_step, wait = now, step, 0.0
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             metrics.train(rec)

@@ -59,3 +59,24 @@ def write_synthetic_pairs(out: str | Path, n: int, *, size: int = 32, per_shard:
 
 
 __all__ = ["write_synthetic_pairs"]
+
+
+def write_random_paper_backbones(out: str | Path, image_size: int = 384) -> dict[str, str]:
+    """Randomly initialised folders of the paper preset's shapes (Table 7): a bert-base-uncased text side (12 x 768,
+    MiniLM's uncased word-piece tokenizer, the same 30,522 pieces) and a BLIP ViT-B/16 vision tower at
+    ``image_size`` px (384: 577 tokens x 768). Returns {"text_backbone": folder, "image_encoder": "hf:<folder>"}."""
+    from transformers import BertConfig, BertModel, BlipImageProcessorPil, BlipVisionConfig, BlipVisionModel
+
+    from ladic.text_space import resolve_text_backbone
+
+    out = Path(out)
+    bert, blip = out / "bert-base-random", out / "blip-vit-b-random"
+    if not (bert / "config.json").is_file():
+        from transformers import AutoTokenizer
+
+        BertModel(BertConfig()).save_pretrained(bert)
+        AutoTokenizer.from_pretrained(resolve_text_backbone("minilm-l6")).save_pretrained(bert)
+    if not (blip / "config.json").is_file():
+        BlipVisionModel(BlipVisionConfig(image_size=image_size)).save_pretrained(blip)
+        BlipImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(blip)
+    return {"text_backbone": str(bert), "image_encoder": f"hf:{blip}"}

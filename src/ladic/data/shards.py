@@ -16,7 +16,6 @@ with the set.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ladic.data.sources import BadSamples, CaptionSource, DataError, decode_sample_image
+from ladic.image_encoders import encoder_weights_key
 
 SPEC = "spec.json"
 MANIFEST = "manifest.json"
@@ -37,17 +37,6 @@ STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32
 
 def shard_name(unit: int) -> str:
     return f"shard-{unit:06d}.safetensors"
-
-
-def encoder_weights_key(encoder: torch.nn.Module) -> str:
-    """sha1 over the encoder's name, preprocessing and every weight: a changed checkpoint in the same folder gives
-    another key."""
-    h = hashlib.sha1(json.dumps([getattr(encoder, "name", ""), getattr(encoder, "image_size", 0),
-                                 list(getattr(encoder, "mean", ())), list(getattr(encoder, "std", ()))]).encode())
-    for name, t in sorted(encoder.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 def feature_spec(model, source: CaptionSource, dtype: str, draft: bool) -> dict:
@@ -260,5 +249,5 @@ class ShardedFeatures(torch.utils.data.Dataset):
         return torch.tensor(sorted(seen), dtype=torch.long)[None], lengths
 
 
-__all__ = ["ShardedFeatures", "write_features", "write_manifest", "encoder_weights_key", "feature_spec", "MANIFEST", "SPEC",
+__all__ = ["ShardedFeatures", "write_features", "write_manifest", "feature_spec", "MANIFEST", "SPEC",
            "STORAGE_DTYPES"]
