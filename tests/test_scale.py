@@ -222,3 +222,32 @@ def test_webdataset_without_features_or_online_is_one_line(tmp_path, synthetic):
     r = _cli("train", "--config", str(_config(tmp_path, synthetic)), "--set", f"data={synthetic['webdataset']}")
     assert r.returncode == 2 and "webdataset shards train from a `ladic features` folder" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_step_batches_split_the_same_global_batch_over_ranks_and_micro_batches():
+    from ladic.data.loader import StepBatches
+    from ladic.train import global_batch
+
+    one = list(StepBatches(40, 8, seed=3, start=0, stop=12))
+    assert [p.rows for p in one] == [tuple(global_batch(40, 8, 3, s).tolist()) for s in range(12)]
+    assert sorted(r for p in one[:5] for r in p.rows) == list(range(40))  # an epoch is a permutation
+    split = [list(StepBatches(40, 8, 3, 0, 12, rank=r, world=2, accum=2)) for r in range(2)]
+    for s in range(12):
+        parts = [p for plans in split for p in plans if p.step == s]
+        rows = dict(kv for p in parts for kv in zip(p.positions, p.rows))
+        assert [rows[i] for i in range(8)] == list(one[s].rows)
+    resumed = list(StepBatches(40, 8, 3, start=7, stop=12))
+    assert [p.rows for p in resumed] == [p.rows for p in one[7:]]
+    with pytest.raises(ValueError, match="not divisible"):
+        StepBatches(40, 8, 3, 0, 1, world=3)
+
+
+def test_row_draws_do_not_depend_on_how_the_batch_is_split(tiny_model):
+    from ladic.data.loader import row_draws
+
+    whole = row_draws(tiny_model, 0, 5, range(8))
+    halves = [row_draws(tiny_model, 0, 5, range(0, 4)), row_draws(tiny_model, 0, 5, range(4, 8))]
+    for k in whole:
+        assert torch.equal(whole[k], torch.cat([h[k] for h in halves])), k
+    assert not torch.equal(whole["noise"], row_draws(tiny_model, 0, 6, range(8))["noise"])
+    assert row_draws(tiny_model, 0, 5, [])["noise"].shape[0] == 0

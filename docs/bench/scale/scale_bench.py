@@ -44,6 +44,13 @@ def run(cmd: list[str]) -> tuple[str, float]:
     return r.stdout, time.time() - t
 
 
+def same_shard(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(bool((x[k] == y[k]).all()) for k in x)
+
+
 def peaks(stdout: str) -> list[float]:
     return [float(m) for m in re.findall(r"peak memory (\d+) MB", stdout)]
 
@@ -94,12 +101,15 @@ def main() -> None:
                                 env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         while len(list(killed.glob("shard-*.safetensors"))) < shards // 2 and proc.poll() is None:
             time.sleep(0.2)
+        # torchrun starts its workers in sessions of their own: kill -9 every process of the run, workers included
+        subprocess.run(["pkill", "-9", "-f", f"ladic.cli features {killed} "])
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        time.sleep(1)
         done = len(list(killed.glob("shard-*.safetensors")))
         out, wall = run(ladic(["features", str(killed), "--config", str(root / "config.json")], nproc=2))
         already = sum(int(m) for m in re.findall(r"(\d+) already", out))
-        same = all((feats / p.name).read_bytes() == p.read_bytes() for p in killed.glob("shard-*.safetensors"))
+        same = all(same_shard(feats / p.name, p) for p in killed.glob("shard-*.safetensors"))
         res["kill9_resume"] = {"shards": shards, "done_at_kill": done, "already_on_rerun": already,
                                "rerun_wall_s": round(wall, 1), "identical_to_uninterrupted": same}
         for mode, sets in {"cached": [f"features_dir={feats}"], "online": ["image_features=online"]}.items():
