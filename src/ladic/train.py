@@ -586,7 +586,7 @@ def stats_sample(tc: TrainConfig, data: TrainData, model: LaDiC) -> tuple[torch.
         return data.features.hidden[rows], data.features.ids[rows]
     if data.records is None and data.size is not None:  # shards
         rows = epoch_order(data.size, tc.seed, -1)[: tc.stats_captions].sort().values
-        b = data.dataset.shards[rows.tolist()]
+        b = data.dataset.shards.read(rows.tolist(), images=False)
         return b["hidden"], b["ids"]
     if data.records is not None:
         captions = [c for r in data.records for c in r.captions]

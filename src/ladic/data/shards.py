@@ -150,11 +150,26 @@ def write_features(model, source: CaptionSource, out: str | Path, *, dtype: str 
         save_file({k: v.contiguous() for k, v in (tensors or {}).items()}, str(tmp), metadata=meta)
         tmp.replace(path)
         written += 1
+        del tensors, samples
+        _release_freed_memory()
     if world > 1:
         dist.barrier()
     if rank == 0:
         write_manifest(out, len(units), max_bad_share)
     return FeatureWriteResult(written, already, bad)
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory a finished shard freed back to the OS: glibc keeps freed buffers, and without this the
+    resident size of a long extraction creeps up shard by shard (measured: 624 -> 717 MB over 50 shards)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        ctypes.CDLL(libc).malloc_trim(0)
 
 
 def write_manifest(out: Path, num_units: int, max_bad_share: float = 1.0) -> dict:
@@ -182,9 +197,12 @@ def write_manifest(out: Path, num_units: int, max_bad_share: float = 1.0) -> dic
 
 
 class ShardedFeatures(torch.utils.data.Dataset):
-    """A features folder as a dataset of captions, read memory-mapped. ``ds[rows]`` (a list of caption indices)
-    -> {"images": (B, N, D) float32, "hidden": (B, L, D_txt), "ids": (B, L) int64, "image_index": (B,) global image
-    index}. Open file handles are per process (DataLoader workers open their own)."""
+    """A features folder as a dataset of captions. ``ds[rows]`` (a list of caption indices) -> {"images": (B, N, D)
+    float32, "hidden": (B, L, D_txt), "ids": (B, L) int64, "image_index": (B,) global image index}.
+
+    Each batch opens the shards it needs, copies its rows out and closes them again: a shard stays memory-mapped
+    only while it is read, so the pages a long run has touched do not pile up in the process's resident memory
+    (a cached handle would keep the whole set resident by the end of an epoch)."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -198,20 +216,13 @@ class ShardedFeatures(torch.utils.data.Dataset):
         img = torch.tensor([s["images"] for s in self.shards], dtype=torch.long)
         self.img_start = torch.cat([torch.zeros(1, dtype=torch.long), img.cumsum(0)])
         self.num_images = int(self.img_start[-1])
-        self._open: dict[int, object] = {}
-        self._caption_image: dict[int, torch.Tensor] = {}
+        self._caption_image: dict[int, torch.Tensor] = {}  # shard -> (n_cap,) image row of each caption (small)
 
     def __len__(self) -> int:
         return int(self.cap_start[-1])
 
-    def __getstate__(self) -> dict:  # (file handles do not cross into DataLoader workers)
-        return {**self.__dict__, "_open": {}, "_caption_image": {}}
-
-    def _file(self, s: int):
-        if s not in self._open:
-            self._open[s] = safe_open(str(self.folder / self.shards[s]["file"]), framework="pt")
-            self._caption_image[s] = self._open[s].get_tensor("caption_image").long()
-        return self._open[s]
+    def _open(self, s: int):
+        return safe_open(str(self.folder / self.shards[s]["file"]), framework="pt")
 
     def check_model(self, model) -> None:
         """Raise ``DataError`` unless the features were made by ``model``'s encoder and text side."""
@@ -223,19 +234,32 @@ class ShardedFeatures(torch.utils.data.Dataset):
             raise DataError(f"{self.folder}: features of another model ({', '.join(f'{k} {self.spec.get(k)!r} != {want[k]!r}' for k in diff)})")
 
     def __getitem__(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        return self.read(rows)
+
+    def read(self, rows: Sequence[int], images: bool = True) -> dict[str, torch.Tensor]:
+        """The rows' tensors (``__getitem__``); ``images=False`` skips the image tokens."""
         rows_t = torch.as_tensor(list(rows), dtype=torch.long)
         shard = torch.searchsorted(self.cap_start, rows_t, right=True) - 1
-        images, hidden, ids, image_index = [], [], [], []
-        for r, s in zip(rows_t.tolist(), shard.tolist()):
-            f = self._file(s)
-            local = r - int(self.cap_start[s])
-            img = int(self._caption_image[s][local])
-            images.append(f.get_slice("images")[img : img + 1])
-            hidden.append(f.get_slice("hidden")[local : local + 1])
-            ids.append(f.get_slice("ids")[local : local + 1])
-            image_index.append(int(self.img_start[s]) + img)
-        return {"images": torch.cat(images).float(), "hidden": torch.cat(hidden), "ids": torch.cat(ids).long(),
-                "image_index": torch.tensor(image_index, dtype=torch.long)}
+        n = len(rows_t)
+        tokens: list = [None] * n
+        hidden: list = [None] * n
+        ids: list = [None] * n
+        image_index = torch.empty(n, dtype=torch.long)
+        for s in shard.unique().tolist():
+            with self._open(s) as f:
+                if s not in self._caption_image:
+                    self._caption_image[s] = f.get_tensor("caption_image").long().clone()
+                img_sl, hid_sl, ids_sl = f.get_slice("images"), f.get_slice("hidden"), f.get_slice("ids")
+                for j in (shard == s).nonzero().flatten().tolist():
+                    local = int(rows_t[j]) - int(self.cap_start[s])
+                    img = int(self._caption_image[s][local])
+                    # (copies: a slice may be a view that keeps the whole mapped shard resident)
+                    hidden[j], ids[j] = hid_sl[local : local + 1].clone(), ids_sl[local : local + 1].clone()
+                    if images:
+                        tokens[j] = img_sl[img : img + 1].clone()
+                    image_index[j] = int(self.img_start[s]) + img
+        out = {"hidden": torch.cat(hidden), "ids": torch.cat(ids).long(), "image_index": image_index}
+        return {"images": torch.cat(tokens).float(), **out} if images else out
 
     def token_stats(self, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, V) every word-piece id the captions use (for ``restrict_vocab``) and (L + 1,) counts of caption lengths
@@ -243,7 +267,8 @@ class ShardedFeatures(torch.utils.data.Dataset):
         seen: set[int] = set()
         lengths = torch.zeros(self.spec["max_length"] + 1, dtype=torch.long)
         for s in range(len(self.shards)):
-            ids = self._file(s).get_tensor("ids")
+            with self._open(s) as f:
+                ids = f.get_tensor("ids").clone()
             seen.update(ids.unique().tolist())
             lengths += torch.bincount((ids != pad_id).sum(1), minlength=lengths.numel())
         return torch.tensor(sorted(seen), dtype=torch.long)[None], lengths
