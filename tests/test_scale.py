@@ -251,3 +251,25 @@ def test_row_draws_do_not_depend_on_how_the_batch_is_split(tiny_model):
         assert torch.equal(whole[k], torch.cat([h[k] for h in halves])), k
     assert not torch.equal(whole["noise"], row_draws(tiny_model, 0, 6, range(8))["noise"])
     assert row_draws(tiny_model, 0, 5, [])["noise"].shape[0] == 0
+
+
+def test_features_of_a_pooled_hf_tower(tmp_path, synthetic):
+    """image_token_grid pools a ViT's patches (CLS kept) before the tokens are cached: 1 + 4 x 4 -> 1 + 2 x 2."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    from ladic import LaDiC, preset
+    from ladic.data.shards import ShardedFeatures, write_features
+    from ladic.image_encoders import EncoderLoadError
+
+    tower = tmp_path / "vit"
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)).save_pretrained(tower)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tower)
+    model = LaDiC(preset("tiny", image_encoder=f"hf:{tower}", image_token_grid=2))
+    assert model.image_encoder.name == f"hf:{tower}-grid2" and model.image_encoder.num_tokens == 5
+    write_features(model, CaptionSource(synthetic["jsonl"], synthetic["image_root"], shard_size=32), tmp_path / "f",
+                   progress=False)
+    ds = ShardedFeatures(tmp_path / "f")
+    assert ds[[0, 40]]["images"].shape == (2, 5, 32) and ds.spec["num_tokens"] == 5
+    with pytest.raises(EncoderLoadError, match="image_token_grid 3: cannot pool 64 tokens of tiny-frozen"):
+        LaDiC(preset("tiny", image_encoder="tiny-frozen", image_token_grid=3))

@@ -18,7 +18,7 @@ from torch import nn
 
 from ladic import __version__
 from ladic.config import LaDiCConfig
-from ladic.image_encoders import ImageEncoder, build_image_encoder
+from ladic.image_encoders import EncoderLoadError, GridPooledEncoder, ImageEncoder, build_image_encoder
 from ladic.image_io import ImageInput, load_image
 from ladic.text_space import TextSpace
 
@@ -52,7 +52,14 @@ class Captioner(nn.Module):
             reassign_special=config.special_token_latent == "zero", normalize=config.normalize_latents,
             decoder_num_layers=config.decoder_num_layers, output_vocab_size=config.output_vocab_size,
         )
-        self.image_encoder = image_encoder or build_image_encoder(config.image_encoder, **config.image_encoder_options)
+        if image_encoder is None:
+            image_encoder = build_image_encoder(config.image_encoder, **config.image_encoder_options)
+            if config.image_token_grid:
+                try:
+                    image_encoder = GridPooledEncoder(image_encoder, config.image_token_grid)
+                except ValueError as e:  # (not a CLS + square patch grid, or a grid finer than the patches)
+                    raise EncoderLoadError(f"image_token_grid {config.image_token_grid}: {e}") from None
+        self.image_encoder = image_encoder
 
     def restrict_output_vocab(self, token_ids: torch.Tensor) -> None:
         """Let the LM head score only ``token_ids`` (plus the special tokens), e.g. the ids of the training
