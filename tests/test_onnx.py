@@ -95,6 +95,14 @@ def test_int8_export_is_smaller_and_still_captions(tmp_path):
     assert (tmp_path / "int8" / "captioner.onnx").stat().st_size < 0.5 * (tmp_path / "fp32" / "captioner.onnx").stat().st_size
     captions = OnnxCaptioner(tmp_path / "int8").caption(_photos(3))
     assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)
+    # the encoder's weights stored as fp16 (cast back at load): smaller, and its tokens within fp16 rounding
+    import onnxruntime as ort
+
+    assert (tmp_path / "int8" / "image_encoder.onnx").stat().st_size < 0.8 * (tmp_path / "fp32" / "image_encoder.onnx").stat().st_size
+    pixels = model.image_encoder.preprocess(_photos(2)).numpy()
+    a, b = (ort.InferenceSession(str(tmp_path / v / "image_encoder.onnx")).run(None, {"pixels": pixels})[0]
+            for v in ("fp32", "int8"))
+    assert not np.array_equal(a, b) and np.abs(a - b).max() < 1e-2 * np.abs(a).max()
 
 
 def test_cli_export_a_static_web_page(tmp_path, capsys):

@@ -577,8 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--web", action="store_true",
                    help="with --onnx: write a static page that captions in the browser (OUT/index.html, OUT/ort, "
                         "OUT/model; serve OUT with any static file server)")
-    p.add_argument("--int8", action="store_true", help="with --onnx: int8 matrix weights in the captioner graph (about "
-                                                       "a quarter of its size; captions change)")
+    p.add_argument("--int8", action="store_true", help="with --onnx: the smaller download, int8 matrix weights in the "
+                                                       "captioner graph (about a quarter of its size; captions change) "
+                                                       "and the image encoder's weights stored as fp16")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="caption metrics for a results file or a model on a dataset split")

@@ -63,12 +63,39 @@ def train_stats(out: Path, skip: int = 10) -> dict:
             "data_wait": late[-1]["data_wait"], "losses": [r["loss"] for r in recs]}
 
 
+def extraction(root: Path, feats: Path, killed: Path) -> dict:
+    """`ladic features` as 2 processes; then a run killed with -9 at half way and rerun."""
+    res: dict = {}
+    for folder in (feats, killed):
+        subprocess.run(["rm", "-rf", str(folder)])
+    out, wall = run(ladic(["features", str(feats), "--config", str(root / "config.json")], nproc=2))
+    res["features_2proc"] = {"wall_s": round(wall, 1), "peak_rss_mb": peaks(out)}
+    shards = len(list(feats.glob("shard-*.safetensors")))
+    proc = subprocess.Popen(ladic(["features", str(killed), "--config", str(root / "config.json")], nproc=2),
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    while len(list(killed.glob("shard-*.safetensors"))) < shards // 2 and proc.poll() is None:
+        time.sleep(0.2)
+    # torchrun starts its workers in sessions of their own: kill -9 every process of the run, workers included
+    subprocess.run(["pkill", "-9", "-f", f"ladic.cli features {killed} "])
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)
+    done = len(list(killed.glob("shard-*.safetensors")))
+    out, wall = run(ladic(["features", str(killed), "--config", str(root / "config.json")], nproc=2))
+    already = sum(int(m) for m in re.findall(r"(\d+) already", out))
+    same = all(same_shard(feats / p.name, p) for p in killed.glob("shard-*.safetensors"))
+    res["kill9_resume"] = {"shards": shards, "done_at_kill": done, "already_on_rerun": already,
+                           "rerun_wall_s": round(wall, 1), "identical_to_uninterrupted": same}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("work", type=Path)
     ap.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--shard-size", type=int, default=2000)
+    ap.add_argument("--train-only", action="store_true", help="only the training rows (the features folders exist)")
     ap.add_argument("--paper", action="store_true", help="only the paper preset with BLIP-shaped random encoders: "
                                                            "20 steps online and from cached shards")
     args = ap.parse_args()
@@ -91,27 +118,8 @@ def main() -> None:
         (root / "config.json").write_text(json.dumps(cfg))
         res: dict = {"pairs": n}
         feats, killed = root / "features", root / "features-killed"
-        for folder in (feats, killed):
-            subprocess.run(["rm", "-rf", str(folder)])
-        out, wall = run(ladic(["features", str(feats), "--config", str(root / "config.json")], nproc=2))
-        res["features_2proc"] = {"wall_s": round(wall, 1), "peak_rss_mb": peaks(out)}
-        shards = len(list(feats.glob("shard-*.safetensors")))
-        # kill -9 at half way, then rerun
-        proc = subprocess.Popen(ladic(["features", str(killed), "--config", str(root / "config.json")], nproc=2),
-                                env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        while len(list(killed.glob("shard-*.safetensors"))) < shards // 2 and proc.poll() is None:
-            time.sleep(0.2)
-        # torchrun starts its workers in sessions of their own: kill -9 every process of the run, workers included
-        subprocess.run(["pkill", "-9", "-f", f"ladic.cli features {killed} "])
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        time.sleep(1)
-        done = len(list(killed.glob("shard-*.safetensors")))
-        out, wall = run(ladic(["features", str(killed), "--config", str(root / "config.json")], nproc=2))
-        already = sum(int(m) for m in re.findall(r"(\d+) already", out))
-        same = all(same_shard(feats / p.name, p) for p in killed.glob("shard-*.safetensors"))
-        res["kill9_resume"] = {"shards": shards, "done_at_kill": done, "already_on_rerun": already,
-                               "rerun_wall_s": round(wall, 1), "identical_to_uninterrupted": same}
+        if not args.train_only:
+            res.update(extraction(root, feats, killed))
         for mode, sets in {"cached": [f"features_dir={feats}"], "online": ["image_features=online"]}.items():
             out_dir = root / f"train-{mode}"
             subprocess.run(["rm", "-rf", str(out_dir)])
@@ -128,7 +136,7 @@ def main() -> None:
         res["losses_2proc_vs_1proc_max_abs_diff"] = max(abs(a - b) for a, b in zip(one, two))
         results[n] = res
         print(json.dumps(res, indent=1), flush=True)
-    (args.work / "scale.json").write_text(json.dumps(results, indent=1))
+    (args.work / ("scale-train.json" if args.train_only else "scale.json")).write_text(json.dumps(results, indent=1))
 
 
 def paper(work: Path, pairs: int = 48, steps: int = 20) -> None:
