@@ -1,40 +1,18 @@
-"""Issue 30 experiment: smaller downloads. Variants of the shipped default's ONNX export:
+"""Issue 30 experiment (python docs/bench/onnx/small_variants.py OUT [int8,q4,...]): smaller downloads. Variants of the shipped default's ONNX export:
 int8 captioner (shipped --int8) / 4-bit captioner (MatMulNBits, block 32) x fp32 encoder / encoder weights stored fp16
 (+ Cast to fp32, folded by ORT at load). Sizes, CIDEr on all 1,000 val (batch 64), identical captions vs fp32 ORT."""
 import json, shutil, sys, tempfile, time
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import helper, numpy_helper, TensorProto
 
 from ladic.collection import CollectionConfig, caption_files
 from ladic.data.captions import load_flickr8k
 from ladic.metrics import coco_metrics
-from ladic.onnx_export import OnnxCaptioner, onnx_folder
+from ladic.onnx_export import OnnxCaptioner, onnx_folder, store_weights_fp16
 
 out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
 base = Path(onnx_folder())  # the fp32 export of the shipped default (cached)
-
-
-def fp16_weights(src: Path, dst: Path, min_elems: int = 1024) -> None:
-    m = onnx.load(str(src))
-    g = m.graph
-    keep, casts = [], []
-    for init in g.initializer:
-        if init.data_type == TensorProto.FLOAT and int(np.prod(init.dims)) >= min_elems:
-            arr = numpy_helper.to_array(init).astype(np.float16)
-            half = numpy_helper.from_array(arr, init.name + "__fp16")
-            keep.append(half)
-            casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT, name=init.name + "__cast"))
-        else:
-            keep.append(init)
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    nodes = list(g.node)
-    del g.node[:]
-    g.node.extend(casts + nodes)
-    onnx.save(m, str(dst))
 
 
 def q4(src: Path, dst: Path) -> None:
@@ -56,7 +34,7 @@ def variant(name: str, captioner: str, encoder: str) -> Path:
     elif captioner == "q4":
         q4(base / "captioner.onnx", d / "captioner.onnx")
     if encoder == "fp16":
-        fp16_weights(base / "image_encoder.onnx", d / "image_encoder.onnx")
+        store_weights_fp16(d / "image_encoder.onnx")
     return d
 
 
