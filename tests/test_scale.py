@@ -183,7 +183,8 @@ def test_training_from_shards_two_processes_and_accumulation_equal_one_process(t
 
 
 def test_online_training_from_pairs_and_from_webdataset(tmp_path, synthetic):
-    for name, extra in {"records": [], "stream": [f"data={synthetic['webdataset']}"]}.items():
+    for name, extra in {"records": [], "stream": [f"data={synthetic['webdataset']}"],
+                        "resampled": [f"data={synthetic['webdataset']}", "resample_shards=true"]}.items():
         cfg = _config(tmp_path, synthetic, image_features="online", num_workers=1 if name == "stream" else 0,
                       keep_checkpoints=2, save_every=1)
         sets = [a for kv in extra for a in ("--set", kv)]

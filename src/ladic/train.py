@@ -124,6 +124,7 @@ class TrainConfig:
     image_features: str = "cached"
     image_column: str | None = None  # the image / caption column of a JSONL/CSV pairs file, or member of a webdataset
     caption_column: str | None = None
+    resample_shards: bool = False  # online from webdataset/pairs: draw shards with replacement (no epochs)
     max_bad_share: float = 0.01  # the run stops when more of the samples than this were skipped (corrupt, no caption)
     num_workers: int = 0  # DataLoader workers
     grad_accum: int = 1  # accumulation steps: the global batch_size is split into grad_accum micro-batches
@@ -558,7 +559,8 @@ def training_data(tc: TrainConfig, model: LaDiC, d: "Dist", progress: bool) -> t
         data = OnlineRecords(records, enc.preprocess, tokenize, draft)
         return TrainData(data, len(data), online=True, records=records), val_set, None
     local = tc.batch_size // tc.grad_accum // d.world
-    stream = OnlineStream(source, enc.preprocess, tokenize, draft, local, tc.seed, d.rank, d.world)
+    stream = OnlineStream(source, enc.preprocess, tokenize, draft, local, tc.seed, d.rank, d.world,
+                          resample=tc.resample_shards)
     return TrainData(stream, None, online=True), val_set, None
 
 

@@ -165,24 +165,27 @@ class OnlineRecords(torch.utils.data.Dataset):
 class OnlineStream(torch.utils.data.IterableDataset):
     """A streaming source (webdataset shards, JSONL/CSV pairs) for online training: each epoch the units are shuffled
     (seeded, the same order on every rank), rank r takes every world-th unit and worker w every num_workers-th of
-    those; rows pass a shuffle buffer and leave as batches of ``local`` rows. Unlike the map-style datasets, the
+    those (with ``resample``: as many units drawn with replacement, per rank and worker); rows pass a shuffle buffer and leave as batches of ``local`` rows. Unlike the map-style datasets, the
     batches depend on the number of ranks and workers (as in any webdataset pipeline)."""
 
     def __init__(self, source: CaptionSource, preprocess, tokenize, draft_size: int | None, local: int, seed: int,
-                 rank: int = 0, world: int = 1, start_step: int = 0, buffer: int = 1000) -> None:
+                 rank: int = 0, world: int = 1, start_step: int = 0, buffer: int = 1000, resample: bool = False) -> None:
         self.source, self.preprocess, self.tokenize, self.draft_size = source, preprocess, tokenize, draft_size
         self.local, self.seed, self.rank, self.world, self.start_step, self.buffer = local, seed, rank, world, start_step, buffer
+        self.resample = resample  # each rank and worker draws units with replacement (webdataset's resampled=True)
         self.units = source.units()
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         rng = random.Random(self.seed * 7_777 + self.rank * 131 + wid)
-        epoch, step = 0, self.start_step
+        epoch, step = 0, self.start_step + wid
         while True:
             order = list(range(len(self.units)))
             random.Random(self.seed * 100_003 + epoch).shuffle(order)
             mine = order[self.rank :: self.world][wid::nw]
+            if self.resample:
+                mine = rng.choices(order, k=max(len(mine), 1))
             pool: list = []
             bad = BadSamples()
             for u in mine:
