@@ -523,7 +523,7 @@ def validate(model: LaDiC, ema: dict[str, torch.Tensor], val: FeatureSet, tc: Tr
 class TrainData:
     """What the loop trains on: a dataset indexed by ``BatchPlan`` (or a stream of batches), and what else it needs."""
 
-    dataset: Any  # InMemoryFeatures | PlannedShards | OnlineRecords (map-style) or OnlineStream (iterable)
+    dataset: Any  # PlannedRows | OnlineRecords (map-style) or OnlineStream (iterable)
     size: int | None  # training captions (None for a stream)
     online: bool = False
     features: FeatureSet | None = None  # the in-RAM set (references, trajectory keys, vocabulary)
@@ -532,7 +532,7 @@ class TrainData:
 
 def training_data(tc: TrainConfig, model: LaDiC, d: "Dist", progress: bool) -> tuple[TrainData, FeatureSet | None, list | None]:
     """(training data, validation features, validation images of scenes) for the run's data mode."""
-    from ladic.data.loader import InMemoryFeatures, OnlineRecords, OnlineStream, PlannedShards
+    from ladic.data.loader import OnlineRecords, OnlineStream, PlannedRows
     from ladic.data.shards import ShardedFeatures
     from ladic.data.sources import CaptionSource
 
@@ -543,12 +543,12 @@ def training_data(tc: TrainConfig, model: LaDiC, d: "Dist", progress: bool) -> t
             raise DataError("webdataset shards train from a `ladic features` folder (features_dir) or with "
                             "image_features=online")
         train_set, val_set, val_images = load_datasets(tc, model, progress)
-        return TrainData(InMemoryFeatures(train_set), len(train_set), features=train_set), val_set, val_images
+        return TrainData(PlannedRows(train_set), len(train_set), features=train_set), val_set, val_images
     val_set = scale_validation(tc, model, progress)
     if tc.features_dir is not None:
         shards = ShardedFeatures(tc.features_dir)
         shards.check_model(model)
-        return TrainData(PlannedShards(shards), len(shards)), val_set, None
+        return TrainData(PlannedRows(shards), len(shards)), val_set, None
     enc = model.image_encoder
     draft = enc.image_size
     tokenize = model.text.tokenize
@@ -588,7 +588,7 @@ def stats_sample(tc: TrainConfig, data: TrainData, model: LaDiC) -> tuple[torch.
         return data.features.hidden[rows], data.features.ids[rows]
     if data.records is None and data.size is not None:  # shards
         rows = epoch_order(data.size, tc.seed, -1)[: tc.stats_captions].sort().values
-        b = data.dataset.shards.read(rows.tolist(), images=False)
+        b = data.dataset.features.read(rows.tolist(), images=False)
         return b["hidden"], b["ids"]
     if data.records is not None:
         captions = [c for r in data.records for c in r.captions]
@@ -614,7 +614,7 @@ def vocabulary_and_lengths(data: TrainData, model: LaDiC, stats_ids: torch.Tenso
                   for c in [[x for rec in data.records[r : r + 4096] for x in rec.captions]]]
         ids = torch.cat(chunks)
     elif data.size is not None:
-        return data.dataset.shards.token_stats(pad)
+        return data.dataset.features.token_stats(pad)
     else:
         return None, torch.bincount((stats_ids != pad).sum(1), minlength=length + 1)
     return ids.unique()[None], torch.bincount((ids != pad).sum(1), minlength=length + 1)
@@ -735,7 +735,8 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
     if tc.restrict_vocab and data.size is None and not tc.init_from:
         raise ValueError("restrict_vocab needs every training caption; with a streaming source make a features "
                          "folder first (ladic features)")
-    stats_hidden, stats_ids = stats_sample(tc, data, model)
+    # (a sample of the captions: for the latent stats, and for a stream's lengths; an init_from folder brings its stats)
+    stats_hidden, stats_ids = stats_sample(tc, data, model) if not tc.init_from or data.size is None else (None, None)
     if tc.init_from:  # weights and latent stats of a model folder; fresh optimizer, schedule and EMA
         fresh = model.load_folder_weights(tc.init_from, missing_ok=True)
         if fresh and d.main:

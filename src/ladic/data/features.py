@@ -39,6 +39,14 @@ class FeatureSet:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
+    def read(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Caption rows -> {"images": (B, N, D) float32, "hidden", "ids" int64, "image_index" (B,)}, as
+        ``ShardedFeatures.read``."""
+        rows_t = torch.as_tensor(list(rows), dtype=torch.long)
+        image_index = self.caption_image[rows_t]
+        return {"images": self.images[image_index].float(), "hidden": self.hidden[rows_t], "ids": self.ids[rows_t].long(),
+                "image_index": image_index}
+
     def concat(self, other: "FeatureSet") -> "FeatureSet":
         """Both sets as one (image ids must not collide): images, captions and references appended."""
         if set(self.image_ids) & set(other.image_ids):

@@ -1,7 +1,7 @@
 """What feeds the training loop: a DataLoader over one of three datasets, all indexed by batches of caption rows.
 
-- ``InMemoryFeatures``: the small cached set (``FeatureSet``; the CPU Flickr8k workflow).
-- ``ShardedFeatures`` (``ladic.data.shards``): a ``ladic features`` folder, memory-mapped.
+- ``PlannedRows``: cached features, the small set in RAM (``FeatureSet``; the CPU Flickr8k workflow) or a ``ladic
+  features`` folder (``ladic.data.shards.ShardedFeatures``).
 - ``OnlineRecords``: captions of a caption file, images decoded and preprocessed in the workers; the frozen
   encoders run inside the training step (``TrainConfig.image_features = "online"``).
 - ``OnlineStream``: the same for streaming sources (webdataset shards, JSONL/CSV pairs), units shuffled per epoch.
@@ -86,8 +86,9 @@ def row_draws(model, seed: int, step: int, positions: Sequence[int], image_keys:
     return {k: torch.cat([d[k] for d in parts]) for k in parts[0]}
 
 
-class InMemoryFeatures(torch.utils.data.Dataset):
-    """A ``FeatureSet`` (everything in RAM) indexed by ``BatchPlan``s."""
+class PlannedRows(torch.utils.data.Dataset):
+    """Cached features indexed by ``BatchPlan``s: a ``FeatureSet`` (in RAM) or ``ShardedFeatures`` (on disk), both
+    read by ``read(rows)``."""
 
     def __init__(self, features) -> None:
         self.features = features
@@ -96,23 +97,7 @@ class InMemoryFeatures(torch.utils.data.Dataset):
         return len(self.features)
 
     def __getitem__(self, plan: BatchPlan) -> dict:
-        f, rows = self.features, torch.tensor(plan.rows, dtype=torch.long)
-        image_index = f.caption_image[rows]
-        return {"images": f.images[image_index].float(), "hidden": f.hidden[rows], "ids": f.ids[rows].long(),
-                "image_index": image_index, "plan": plan}
-
-
-class PlannedShards(torch.utils.data.Dataset):
-    """``ShardedFeatures`` indexed by ``BatchPlan``s."""
-
-    def __init__(self, shards) -> None:
-        self.shards = shards
-
-    def __len__(self) -> int:
-        return len(self.shards)
-
-    def __getitem__(self, plan: BatchPlan) -> dict:
-        return {**self.shards[plan.rows], "plan": plan}
+        return {**self.features.read(plan.rows), "plan": plan}
 
 
 def _online_batch(samples: Sequence, rows_caption: Sequence[str], preprocess, tokenize, draft_size: int | None,
@@ -210,4 +195,4 @@ class OnlineStream(torch.utils.data.IterableDataset):
         return out
 
 
-__all__ = ["epoch_order", "BatchPlan", "StepBatches", "row_draws", "InMemoryFeatures", "PlannedShards", "OnlineRecords", "OnlineStream"]
+__all__ = ["epoch_order", "BatchPlan", "StepBatches", "row_draws", "PlannedRows", "OnlineRecords", "OnlineStream"]
