@@ -105,6 +105,33 @@ def test_int8_export_is_smaller_and_still_captions(tmp_path):
     assert not np.array_equal(a, b) and np.abs(a - b).max() < 1e-2 * np.abs(a).max()
 
 
+def test_int8_stored_kernels_are_folded_at_load_and_stay_close(tmp_path):
+    import shutil
+
+    import onnx
+    import onnxruntime as ort
+
+    from ladic.onnx_export import store_weights_compact
+
+    model = _one_step_model()
+    export_onnx(model, tmp_path / "fp32")
+    fp32 = tmp_path / "fp32" / "image_encoder.onnx"
+    small = tmp_path / "small.onnx"
+    shutil.copyfile(fp32, small)
+    store_weights_compact(small, int8_min_elements=1024)  # every kernel of the tiny encoder as int8
+    ops = {n.op_type for n in onnx.load(str(small)).graph.node}
+    assert "DequantizeLinear" in ops and small.stat().st_size < 0.5 * fp32.stat().st_size
+    pixels = model.image_encoder.preprocess(_photos(2)).numpy()
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    opts.optimized_model_filepath = str(tmp_path / "loaded.onnx")
+    b = ort.InferenceSession(str(small), opts).run(None, {"pixels": pixels})[0]
+    a = ort.InferenceSession(str(fp32)).run(None, {"pixels": pixels})[0]
+    assert not np.array_equal(a, b) and np.abs(a - b).max() < 5e-2 * np.abs(a).max()
+    # the session turned the int8 kernels into fp32 constants once: no DequantizeLinear left to run per call
+    assert "DequantizeLinear" not in {n.op_type for n in onnx.load(str(tmp_path / "loaded.onnx")).graph.node}
+
+
 def test_cli_export_a_static_web_page(tmp_path, capsys):
     from ladic.cli import main
     from ladic.onnx_export import web_runtime_dir

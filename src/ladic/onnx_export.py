@@ -98,24 +98,38 @@ class OneStepGraph(nn.Module):
         return self._decode(x0, given)
 
 
-def store_weights_fp16(path: Path, min_elements: int = 1024) -> None:
-    """Rewrite the ONNX file ``path`` with its fp32 weights of at least ``min_elements`` stored as fp16, each followed
-    by a Cast to fp32: half the download; ONNX Runtime folds the casts when a session loads, so it computes in fp32
-    as before (with the weights rounded to fp16). Measured on the shipped encoder: CIDEr unchanged to 0.1."""
+def store_weights_compact(path: Path, int8_min_elements: int | None = 100_000, min_elements: int = 1024) -> None:
+    """Rewrite the ONNX file ``path`` with smaller stored weights that ONNX Runtime turns back into fp32 when a session
+    loads (it still computes in fp32): matrices and convolution kernels of at least ``int8_min_elements`` as int8, one
+    symmetric scale per output channel, through a DequantizeLinear; every other fp32 weight of at least
+    ``min_elements`` as fp16 through a Cast. The DequantizeLinear nodes are folded at load only with the session
+    setting ``session.disable_quant_qdq`` (``OnnxCaptioner`` and the browser page set it); without it they run on
+    every call. Measured on the shipped default's encoder (docs/BENCHMARKS.md): fp16 alone CIDEr -0.1 (half the
+    size), int8 for its kernels of >= 100k weights -0.4 (a third), int8 for all its kernels -1.2."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     m = onnx.load(str(path))
-    kept, casts = [], []
+    kept, nodes = [], []
     for init in m.graph.initializer:
-        if init.data_type == TensorProto.FLOAT and int(np.prod(init.dims)) >= min_elements:
-            half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name + "_fp16")
-            kept.append(half)
-            casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT, name=init.name + "_cast"))
-        else:
+        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < min_elements:
             kept.append(init)
-    nodes = casts + list(m.graph.node)
+            continue
+        w = numpy_helper.to_array(init)
+        if int8_min_elements is not None and w.ndim >= 2 and w.size >= int8_min_elements:
+            rows = w.reshape(w.shape[0], -1)
+            scale = (np.abs(rows).max(1) / 127).astype(np.float32)
+            scale[scale == 0] = 1.0
+            q = np.clip(np.round(rows / scale[:, None]), -127, 127).astype(np.int8).reshape(w.shape)
+            kept += [numpy_helper.from_array(q, init.name + "_int8"), numpy_helper.from_array(scale, init.name + "_scale")]
+            nodes.append(helper.make_node("DequantizeLinear", [init.name + "_int8", init.name + "_scale"], [init.name],
+                                          axis=0, name=init.name + "_dequantize"))
+        else:
+            kept.append(numpy_helper.from_array(w.astype(np.float16), init.name + "_fp16"))
+            nodes.append(helper.make_node("Cast", [init.name + "_fp16"], [init.name], to=TensorProto.FLOAT,
+                                          name=init.name + "_cast"))
+    nodes += list(m.graph.node)
     del m.graph.initializer[:]
     m.graph.initializer.extend(kept)
     del m.graph.node[:]
@@ -128,7 +142,8 @@ def export_onnx(model: Any, out: str | Path, batch_size: int = 2, int8: bool = F
 
     ``int8``: the smaller download. The captioner graph's matrix weights are stored as int8 (ONNX Runtime's dynamic
     quantization: about a quarter of the size; captions change, see docs/BENCHMARKS.md) and the image encoder's
-    weights as fp16, cast back to fp32 when the session loads (``store_weights_fp16``; it still computes in fp32)."""
+    large kernels as int8, the rest as fp16, both turned back into fp32 when the session loads
+    (``store_weights_compact``; it still computes in fp32)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -161,7 +176,7 @@ def export_onnx(model: Any, out: str | Path, batch_size: int = 2, int8: bool = F
         finally:
             root.setLevel(level)
         fp32.unlink()
-        store_weights_fp16(out / ENCODER_FILE)
+        store_weights_compact(out / ENCODER_FILE)
     tok = model.text.tokenizer
     tok.save_pretrained(str(out / TOKENIZER_DIR))
     (out / VOCAB_FILE).write_text(json.dumps(tok.convert_ids_to_tokens(list(range(len(tok))))))
@@ -170,7 +185,7 @@ def export_onnx(model: Any, out: str | Path, batch_size: int = 2, int8: bool = F
         "max_length": model.config.max_length, "latent_dim": model.text.dim, "noise_factor": graph.noise_factor,
         "special_ids": sorted(set(model.text.special_ids)), "cls_token_id": tok.cls_token_id,
         "sep_token_id": tok.sep_token_id, "pad_token_id": tok.pad_token_id, "collapse_repeats": True, "opset": OPSET,
-        "captioner_weights": "int8" if int8 else "fp32", "encoder_weights": "fp16 (computed in fp32)" if int8 else "fp32",
+        "captioner_weights": "int8" if int8 else "fp32", "encoder_weights": "int8 kernels of >= 100k weights, the rest fp16 (computed in fp32)" if int8 else "fp32",
     }
     (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
     return out
@@ -215,6 +230,7 @@ class OnnxCaptioner:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")  # fold int8-stored weights once, at load
         providers = ["CPUExecutionProvider"]
         self.image_encoder = OnnxImageEncoder(ort.InferenceSession(str(folder / ENCODER_FILE), opts, providers=providers),
                                               self.settings)

@@ -1,6 +1,8 @@
 """Issue 30 experiment (python docs/bench/onnx/small_variants.py OUT [int8,q4,...]): smaller downloads. Variants of the shipped default's ONNX export:
 int8 captioner (shipped --int8) / 4-bit captioner (MatMulNBits, block 32) x fp32 encoder / encoder weights stored fp16
-(+ Cast to fp32, folded by ORT at load). Sizes, CIDEr on all 1,000 val (batch 64), identical captions vs fp32 ORT."""
+(+ Cast to fp32, folded by ORT at load) / the encoder's kernels of >= N weights as int8 per output channel and the rest
+fp16 (store_weights_compact; "enc8" N = 1024, i.e. all, "enc8mid" 30k, "enc8big" 100k, the --int8 of today).
+Sizes, CIDEr on all 1,000 val (batch 64), identical captions vs fp32 ORT."""
 import json, shutil, sys, tempfile, time
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import onnx
 from ladic.collection import CollectionConfig, caption_files
 from ladic.data.captions import load_flickr8k
 from ladic.metrics import coco_metrics
-from ladic.onnx_export import OnnxCaptioner, onnx_folder, store_weights_fp16
+from ladic.onnx_export import OnnxCaptioner, onnx_folder, store_weights_compact
 
 out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
 base = Path(onnx_folder())  # the fp32 export of the shipped default (cached)
@@ -33,8 +35,8 @@ def variant(name: str, captioner: str, encoder: str) -> Path:
         quantize_dynamic(str(base / "captioner.onnx"), str(d / "captioner.onnx"), weight_type=QuantType.QInt8)
     elif captioner == "q4":
         q4(base / "captioner.onnx", d / "captioner.onnx")
-    if encoder == "fp16":
-        store_weights_fp16(d / "image_encoder.onnx")
+    if encoder != "fp32":
+        store_weights_compact(d / "image_encoder.onnx", {"fp16": None, "int8": 1024, "int8mid": 30_000, "int8big": 100_000}[encoder])
     return d
 
 
@@ -45,6 +47,7 @@ ids = [r.image_id for r in records]
 results = {}
 caps_base = None
 VARIANTS = [("fp32", "fp32", "fp32"), ("int8", "int8", "fp32"), ("int8+enc16", "int8", "fp16"),
+            ("int8+enc8", "int8", "int8"), ("int8+enc8mid", "int8", "int8mid"), ("int8+enc8big", "int8", "int8big"),
             ("q4", "q4", "fp32"), ("q4+enc16", "q4", "fp16")]
 only = sys.argv[2].split(",") if len(sys.argv) > 2 else None
 for name, cap, enc in VARIANTS:

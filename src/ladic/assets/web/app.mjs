@@ -124,8 +124,10 @@ async function init() {
     settings = JSON.parse(new TextDecoder().decode(config));
     vocab = JSON.parse(new TextDecoder().decode(words));
     special = new Set(settings.special_ids);
-    encoder = await ort.InferenceSession.create(enc, { executionProviders: ["wasm"] });
-    captioner = await ort.InferenceSession.create(cap, { executionProviders: ["wasm"] });
+    // disable_quant_qdq: the --int8 encoder's int8-stored weights are turned into fp32 once, at load
+    const options = { executionProviders: ["wasm"], extra: { session: { disable_quant_qdq: "1" } } };
+    encoder = await ort.InferenceSession.create(enc, options);
+    captioner = await ort.InferenceSession.create(cap, options);
   } catch (e) {
     $("error").textContent = `could not load the model: ${e.message}`;
     $("status").textContent = "Failed.";
