@@ -454,7 +454,7 @@ class LaDiC(Captioner):
                 num_inference_steps=steps, generator=generators, device=self.device,
                 fixed_x0=x_fixed, fixed_mask=fixed, given_self_cond=cfg.infill_self_cond_prob > 0,
                 back_and_refine=bnr, refine_time=cfg.refine_time,
-                refine_keep=cfg.refine_keep, refine_noise=refine_noise or cfg.refine_noise, eta=cfg.ddim_eta,
+                refine_keep=cfg.refine_keep, refine_noise=refine_noise or cfg.refine_noise,
                 confidence_fn=self._confidence, callback=callback,
                 clamp_fn=self._clamp if (cfg.clamp if clamp is None else clamp) else None,
                 progress=progress and n <= batch_size,

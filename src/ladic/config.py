@@ -14,7 +14,7 @@ LEGACY_DEFAULTS: dict[str, Any] = {"input_scaling": "none", "position_init_std":
                                    "sampling_noise_factor": 0.0}
 # Settings that change how a trained model samples, not its weights: ``ladic eval --set`` may override them.
 SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "back_and_refine", "refine_time", "refine_keep", "refine_noise",
-                 "clamp", "clamp_mask_pad", "sampling_noise_factor", "no_dangling_end", "mbr_lengths", "ddim_eta")
+                 "clamp", "clamp_mask_pad", "sampling_noise_factor", "no_dangling_end", "mbr_lengths")
 
 
 @dataclass
@@ -104,8 +104,6 @@ class LaDiCConfig:
     # F of the sampler's x_T and DDIM updates; 0 = the training noise factor. The authors train with 4 and sample with 1,
     # which measured best (issue 28): 1 is the default for new models, folders saved before it keep 0.
     sampling_noise_factor: float = 1.0
-    # DDIM's eta for the sampler's updates: 0 = deterministic (the paper's DDIM), 1 = DDPM's ancestral steps.
-    ddim_eta: float = 0.0
     # Length-controlled decoding (a predicted, asked or template length): the word right before [SEP] is never a
     # function word, so a caption cannot end "... standing on a" (see ``LaDiC._decode_ids``).
     no_dangling_end: bool = True
@@ -139,8 +137,6 @@ class LaDiCConfig:
             raise ValueError(f"unknown special_token_latent {self.special_token_latent!r}")
         if not 0 < self.refine_time < 1 or not 0 < self.refine_keep < 1:
             raise ValueError("refine_time and refine_keep must lie strictly between 0 and 1")
-        if not 0 <= self.ddim_eta <= 1:
-            raise ValueError(f"ddim_eta must be in [0, 1], got {self.ddim_eta}")
         if self.mbr_lengths not in ("top", "predicted"):
             raise ValueError(f"unknown mbr_lengths {self.mbr_lengths!r}; use 'top' or 'predicted'")
         if self.sampling_noise_factor < 0:

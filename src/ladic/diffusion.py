@@ -75,18 +75,10 @@ class GaussianDiffusion:
         """The unit noise implied by x_t and an estimate of x0."""
         return (x_t - self.sqrt_ab(t, x_t.ndim) * x0) / self.sigma(t, x_t.ndim)
 
-    def ddim_step(self, x_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
-                  eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """DDIM (Song et al. 2021, Eq. 12) with F: x_{t'} = sqrt(ab_t') x0_hat + F sqrt(1 - ab_t' - s^2) eps_hat + F s z,
-        s = eta sqrt((1 - ab_t') / (1 - ab_t)) sqrt(1 - ab_t / ab_t'); eta = 0 is deterministic, eta = 1 is DDPM's
-        ancestral step. ``noise`` is z (B, L, D), needed when eta > 0."""
+    def ddim_step(self, x_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+        """Deterministic DDIM (eta = 0): x_{t'} = sqrt(ab_t') x0_hat + F sqrt(1 - ab_t') eps_hat."""
         eps = self.predict_eps(x_t, t, x0_hat)
-        if eta == 0:
-            return self.q_sample(x0_hat, t_next, eps)
-        ab, ab_next = self.sqrt_ab(t, x_t.ndim) ** 2, self.sqrt_ab(t_next, x_t.ndim) ** 2
-        s = eta * ((1 - ab_next) / (1 - ab).clamp(min=1e-12) * (1 - ab / ab_next)).clamp(min=0).sqrt()
-        direction = (1 - ab_next - s**2).clamp(min=0).sqrt()
-        return ab_next.sqrt() * x0_hat + self.noise_factor * (direction * eps + s * noise)
+        return self.q_sample(x0_hat, t_next, eps)
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B,) integer training timesteps in 0..T-1: uniform; T sigmoid(n) with n ~ N(logit_mean, logit_std^2);

@@ -94,7 +94,6 @@ def ddim_sample_loop(
     refine_time: float = 0.5,
     refine_keep: float = 0.5,
     refine_noise: str = "fresh",
-    eta: float = 0.0,
     confidence_fn: ConfidenceFn | None = None,
     clamp_fn: ClampFn | None = None,
     callback: StepCallback | None = None,
@@ -113,8 +112,6 @@ def ddim_sample_loop(
             denoising from t = T (paper section 3.4). Needs ``confidence_fn``.
         refine_noise: "fresh": the renoised positions take new Gaussian draws (paper); "initial": they take
             x_T's own noise, so the result is a deterministic function of x_T (trajectory distillation's target).
-        eta: DDIM's stochasticity (0: deterministic, 1: DDPM's ancestral step); each update then draws fresh
-            noise from the rows' generators.
         clamp_fn: applied to x0_hat before every DDIM update (not to the final estimate): the
             "clamping trick" of Diffusion-LM (Li et al. 2022), x0_hat -> latents of its argmax tokens.
         callback: called after every iteration with (iteration, t, x0_hat).
@@ -173,7 +170,7 @@ def ddim_sample_loop(
             target = x0_hat if clamp_fn is None else clamp_fn(x0_hat)
             if fixed_mask is not None:
                 target = torch.where(fixed_mask[..., None], fixed_x0, target)
-            x = diffusion.ddim_step(x, target, tt, tt.new_full((b,), t_next), eta, randn() if eta > 0 else None)
+            x = diffusion.ddim_step(x, target, tt, tt.new_full((b,), t_next))
         i += 1
     bar.close()
     return SampleResult(x0=x0_hat, renoised=renoised, num_evaluations=n_eval)
