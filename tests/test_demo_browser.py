@@ -35,15 +35,20 @@ def server(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def page():
+def playwright():
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            pg = browser.new_page(viewport={"width": 1280, "height": 1000})
-            pg.set_default_timeout(30_000)
-            yield pg
-        finally:
-            browser.close()
+        yield p
+
+
+@pytest.fixture(scope="module")
+def page(playwright):
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    try:
+        pg = browser.new_page(viewport={"width": 1280, "height": 1000})
+        pg.set_default_timeout(30_000)
+        yield pg
+    finally:
+        browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +174,9 @@ def test_stop_button_cancels_the_work_on_the_server(tiny_model, page):
         assert page.inner_text("#error").strip() == ""
 
 
-def test_in_browser_captioning_equals_python(tmp_path, page):
-    """/local/: the one-step model exported to ONNX runs inside the page (ONNX Runtime Web, WASM); for a fixed photo
-    and noise its caption equals ONNX Runtime's in Python; a file that is not a photo gets its error line; nothing
-    is fetched from outside the local server."""
-    import numpy as np
+@pytest.fixture(scope="module")
+def onnx_case(tmp_path_factory):
+    """A tiny one-step model exported to ONNX with a fixed noise file, a photo, and ONNX Runtime's caption of it."""
     import torch
 
     from ladic import LaDiC, preset
@@ -181,27 +184,32 @@ def test_in_browser_captioning_equals_python(tmp_path, page):
 
     if web_runtime_dir() is None:
         pytest.skip("onnxruntime-web not installed (./install.sh --test installs it with npm)")
+    tmp = tmp_path_factory.mktemp("onnx_case")
     torch.manual_seed(0)
     model = LaDiC(preset("tiny", num_inference_steps=1, back_and_refine=False, length_conditioning=True)).eval()
-    export_onnx(model, tmp_path / "onnx")
+    export_onnx(model, tmp / "onnx")
     noise = torch.randn(1, model.config.max_length, model.text.dim)
-    noise.numpy().astype("<f4").tofile(tmp_path / "onnx" / "noise.bin")
+    noise.numpy().astype("<f4").tofile(tmp / "onnx" / "noise.bin")
     import skimage.data
 
-    photo = tmp_path / "astronaut.png"
+    photo = tmp / "astronaut.png"
     Image.fromarray(skimage.data.astronaut()).resize((300, 200)).save(photo)
-    runtime = OnnxCaptioner(tmp_path / "onnx")
+    runtime = OnnxCaptioner(tmp / "onnx")
     tokens = runtime.image_encoder.encode([Image.open(photo).convert("RGB")])
     ids = runtime.captioner.run(["ids"], {"tokens": tokens.numpy(), "noise": noise.numpy()})[0]
-    expected = runtime.decode(ids[0].tolist())
+    return model, tmp / "onnx", photo, ids, runtime.decode(ids[0].tolist())
 
+
+def _caption_in_page(page, onnx_case, tmp_path, query: str = "") -> list[str]:
+    """Open /local/ on a demo over ``onnx_case``, caption its photo, then a file that is not a photo; returns the
+    URLs requested outside the local server."""
     from ladic.demo import RequestCost
 
+    model, onnx_dir, photo, _, expected = onnx_case
     outside = []
     page.on("request", lambda req: outside.append(req.url) if not req.url.startswith(("http://127.0.0.1", "blob:", "data:")) else None)
-    app = create_app(model, cost=RequestCost(0.0, 0.0, 0.0), onnx_dir=tmp_path / "onnx")
-    with start_in_thread(app) as srv:
-        page.goto(srv.url + "/local/?noise=model/noise.bin")
+    with start_in_thread(create_app(model, cost=RequestCost(0.0, 0.0, 0.0), onnx_dir=onnx_dir)) as srv:
+        page.goto(srv.url + "/local/?noise=model/noise.bin" + query)
         page.wait_for_selector("body[data-ready='1']", timeout=120_000)
         page.set_input_files("#file", str(photo))
         page.wait_for_selector("body[data-captioned='1']", timeout=120_000)
@@ -212,5 +220,36 @@ def test_in_browser_captioning_equals_python(tmp_path, page):
         page.set_input_files("#file", str(bad))
         page.wait_for_selector("#error:not(:empty)")
         assert page.inner_text("#error").strip() == "notes.jpg: not an image (the browser cannot decode it)"
-    assert outside == []
+    return outside
+
+
+def test_in_browser_captioning_equals_python(tmp_path, page, onnx_case):
+    """/local/: the one-step model exported to ONNX runs inside the page (ONNX Runtime Web; WASM in a browser without
+    a GPU adapter); for a fixed photo and noise its caption equals ONNX Runtime's in Python; a file that is not a photo
+    gets its error line; nothing is fetched from outside the local server."""
+    import numpy as np
+
+    assert _caption_in_page(page, onnx_case, tmp_path) == []
+    assert page.get_attribute("body", "data-backend") == "wasm"
+    assert "WebAssembly" in page.inner_text("#timing") or page.inner_text("#timing") == ""
+    model, _, _, ids, _ = onnx_case
     assert np.array_equal(ids[0, :1], [model.text.tokenizer.cls_token_id])
+
+
+def test_in_browser_captioning_on_webgpu(tmp_path, playwright, onnx_case):
+    """The same page in a Chromium with a WebGPU adapter (SwiftShader, Chromium's software GPU): it picks WebGPU,
+    and its caption for the fixed photo and noise equals Python's."""
+    args = [a for a in CHROMIUM_ARGS if a != "--disable-gpu"] + [
+        "--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--enable-unsafe-swiftshader"]
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+    try:
+        pg = browser.new_page()
+        pg.set_default_timeout(60_000)
+        assert _caption_in_page(pg, onnx_case, tmp_path) == []
+        backend = pg.get_attribute("body", "data-backend")
+        adapter = pg.evaluate("async () => !!(navigator.gpu && await navigator.gpu.requestAdapter())")
+    finally:
+        browser.close()
+    if not adapter:
+        pytest.skip("this Chromium offers no WebGPU adapter, even SwiftShader's")
+    assert backend == "webgpu"

@@ -144,7 +144,9 @@ def test_cli_export_a_static_web_page(tmp_path, capsys):
     site = tmp_path / "site"
     assert {p.name for p in site.iterdir()} == {"index.html", "app.mjs", "preprocess.mjs", "ort", "model"}
     assert {p.name for p in (site / "ort").iterdir()} == {"ort.wasm.min.js", "ort-wasm-simd-threaded.mjs",
-                                                          "ort-wasm-simd-threaded.wasm"}
+                                                          "ort-wasm-simd-threaded.wasm", "ort.webgpu.min.js",
+                                                          "ort-wasm-simd-threaded.asyncify.mjs",
+                                                          "ort-wasm-simd-threaded.asyncify.wasm"}
     assert (site / "model" / "captioner.onnx").is_file() and (site / "model" / "vocab.json").is_file()
     assert OnnxCaptioner(site / "model").caption(_photos(1))
     assert main(["export", str(tmp_path / "model"), str(tmp_path / "x"), "--web"]) == 2

@@ -31,7 +31,9 @@ SETTINGS_FILE = "onnx_config.json"
 TOKENIZER_DIR = "tokenizer"
 VOCAB_FILE = "vocab.json"  # id -> word piece, for runtimes without the transformers tokenizer (a browser page)
 OPSET = 17
-WEB_RUNTIME_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
+# onnxruntime-web's files the page loads: the WebAssembly build, and the WebGPU one for browsers with a GPU adapter
+WEB_RUNTIME_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm",
+                     "ort.webgpu.min.js", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm")
 
 
 class ExportError(ValueError):

@@ -6,11 +6,8 @@ import { normalize, resizeBicubic } from "./preprocess.mjs";
 const $ = (id) => document.getElementById(id);
 const model = new URL("model/", location.href);
 const params = new URLSearchParams(location.search);
-ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;
-ort.env.wasm.numThreads = 1;
-ort.env.wasm.proxy = false;
 
-let settings, vocab, encoder, captioner, special;
+let settings, vocab, encoder, captioner, special, backend;
 const files = ["onnx_config.json", "vocab.json", "image_encoder.onnx", "captioner.onnx"];
 
 async function fetchAll() {
@@ -113,21 +110,60 @@ async function caption(file) {
   const { ids } = await captioner.run({ tokens, noise });
   const text = decode(Array.from(ids.data, Number));
   $("caption").textContent = text;
-  $("timing").textContent = `${(performance.now() - t0).toFixed(0)} ms in this page (decode, encode, caption)`;
+  $("timing").textContent = `${(performance.now() - t0).toFixed(0)} ms in this page (decode, encode, caption; ${backend === "webgpu" ? "WebGPU" : "WebAssembly"})`;
   $("status").textContent = "Ready.";
   document.body.dataset.captioned = String(Number(document.body.dataset.captioned || 0) + 1);
 }
 
+// WebGPU where the browser offers an adapter (?backend=wasm forces WebAssembly), else WebAssembly; each backend has
+// its own onnxruntime-web build, loaded from ort/ on demand.
+async function chooseBackend() {
+  if (params.get("backend") !== "wasm" && navigator.gpu) {
+    try {
+      if (await navigator.gpu.requestAdapter()) return "webgpu";
+    } catch (e) { /* no usable adapter: WebAssembly */ }
+  }
+  return "wasm";
+}
+
+function loadScript(src) {
+  return new Promise((resolve, reject) => {
+    const el = document.createElement("script");
+    el.src = src;
+    el.onload = resolve;
+    el.onerror = () => reject(new Error(`${src}: could not be loaded`));
+    document.head.append(el);
+  });
+}
+
+// one backend per session, no silent fallback between them (the page says which one runs); operators WebGPU lacks
+// run on the CPU inside the WebGPU session
+async function sessions(enc, cap) {
+  // disable_quant_qdq: the --int8 encoder's int8-stored weights are turned into fp32 once, at load
+  const options = { executionProviders: [backend], extra: { session: { disable_quant_qdq: "1" } } };
+  return [await ort.InferenceSession.create(enc, options), await ort.InferenceSession.create(cap, options)];
+}
+
 async function init() {
   try {
+    backend = await chooseBackend();
+    await loadScript(backend === "webgpu" ? "ort/ort.webgpu.min.js" : "ort/ort.wasm.min.js");
+    ort.env.wasm.wasmPaths = new URL("ort/", location.href).href;
+    ort.env.wasm.numThreads = 1;
+    ort.env.wasm.proxy = false;
     const [config, words, enc, cap] = await fetchAll();
     settings = JSON.parse(new TextDecoder().decode(config));
     vocab = JSON.parse(new TextDecoder().decode(words));
     special = new Set(settings.special_ids);
-    // disable_quant_qdq: the --int8 encoder's int8-stored weights are turned into fp32 once, at load
-    const options = { executionProviders: ["wasm"], extra: { session: { disable_quant_qdq: "1" } } };
-    encoder = await ort.InferenceSession.create(enc, options);
-    captioner = await ort.InferenceSession.create(cap, options);
+    try {
+      [encoder, captioner] = await sessions(enc, cap);
+    } catch (e) {  // an adapter that cannot run the model: WebAssembly (the WebGPU build has it too)
+      if (backend !== "webgpu") throw e;
+      console.warn(`WebGPU could not run the model (${e.message}); using WebAssembly`);
+      backend = "wasm";
+      [encoder, captioner] = await sessions(enc, cap);
+    }
+    document.body.dataset.backend = backend;
   } catch (e) {
     $("error").textContent = `could not load the model: ${e.message}`;
     $("status").textContent = "Failed.";
