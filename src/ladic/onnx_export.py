@@ -233,6 +233,9 @@ class OnnxCaptioner:
         if threads:
             opts.intra_op_num_threads = threads
         opts.add_session_config_entry("session.disable_quant_qdq", "1")  # fold int8-stored weights once, at load
+        # idle pool threads sleep instead of spinning: a spinning pool took the cores from JPEG decoding and torch's
+        # own threads between calls (batch 1 on 2 cores: 58-63 ms per photo spinning, 23 ms not; docs/BENCHMARKS.md)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         self.image_encoder = OnnxImageEncoder(ort.InferenceSession(str(folder / ENCODER_FILE), opts, providers=providers),
                                               self.settings)

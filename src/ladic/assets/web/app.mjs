@@ -104,13 +104,18 @@ async function caption(file) {
   for (let i = 0; i < w * h; i++) { rgb[i * 3] = rgba[i * 4]; rgb[i * 3 + 1] = rgba[i * 4 + 1]; rgb[i * 3 + 2] = rgba[i * 4 + 2]; }
   const s = settings.image_size;
   const pixels = normalize(resizeBicubic(rgb, w, h, s, s), s, settings.mean, settings.std);
+  const t1 = performance.now();
   const { tokens } = await encoder.run({ pixels: new ort.Tensor("float32", pixels, [1, 3, s, s]) });
+  const t2 = performance.now();
   const n = settings.max_length * settings.latent_dim;
   const noise = new ort.Tensor("float32", await noiseFor(n), [1, settings.max_length, settings.latent_dim]);
   const { ids } = await captioner.run({ tokens, noise });
   const text = decode(Array.from(ids.data, Number));
+  const t3 = performance.now();
   $("caption").textContent = text;
-  $("timing").textContent = `${(performance.now() - t0).toFixed(0)} ms in this page (decode, encode, caption; ${backend === "webgpu" ? "WebGPU" : "WebAssembly"})`;
+  const ms = (a, b) => (b - a).toFixed(0);
+  $("timing").textContent = `${ms(t0, t3)} ms in this page (photo ${ms(t0, t1)}, encoder ${ms(t1, t2)}, captioner ` +
+    `${ms(t2, t3)}; ${backend === "webgpu" ? "WebGPU" : "WebAssembly"})`;
   $("status").textContent = "Ready.";
   document.body.dataset.captioned = String(Number(document.body.dataset.captioned || 0) + 1);
 }
@@ -144,6 +149,21 @@ async function sessions(enc, cap) {
   return [await ort.InferenceSession.create(enc, options), await ort.InferenceSession.create(cap, options)];
 }
 
+// The browser compiles WebAssembly quickly first and optimises the code it runs often later: a few calls on a blank
+// photo at load time make the first real caption as fast as later ones (docs/BENCHMARKS.md).
+const WARM_UP_CALLS = 15;
+
+async function warmUp(calls) {
+  const s = settings.image_size;
+  const pixels = new ort.Tensor("float32", new Float32Array(3 * s * s), [1, 3, s, s]);
+  const noise = new ort.Tensor("float32", new Float32Array(settings.max_length * settings.latent_dim),
+    [1, settings.max_length, settings.latent_dim]);
+  for (let i = 0; i < calls; i++) {
+    const { tokens } = await encoder.run({ pixels });
+    await captioner.run({ tokens, noise });
+  }
+}
+
 async function init() {
   try {
     backend = await chooseBackend();
@@ -164,6 +184,8 @@ async function init() {
       [encoder, captioner] = await sessions(enc, cap);
     }
     document.body.dataset.backend = backend;
+    $("status").textContent = "Preparing the model…";
+    await warmUp(Number(params.get("warmup") ?? WARM_UP_CALLS));
   } catch (e) {
     $("error").textContent = `could not load the model: ${e.message}`;
     $("status").textContent = "Failed.";
