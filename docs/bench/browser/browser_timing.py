@@ -8,6 +8,7 @@ load), captions the first 10 Flickr8k val photos one by one and records the page
 fetches (settings, vocabulary, the two graphs). No GPU flag: the page runs on WebAssembly.
 """
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -23,8 +24,6 @@ from ladic.data.captions import load_flickr8k
 
 photos = [r.image_path for r in load_flickr8k("val")[:10]]
 rows = []
-import re
-
 warm = sys.argv[2].split(",") if len(sys.argv) > 2 else ["15"]  # warm-up calls at load (the page's ?warmup=)
 for (variant, flags), calls in [(v, c) for v in (("fp32", []), ("int8", ["--int8"])) for c in warm]:
     out = Path(f"/tmp/ladic-web-{variant}")

@@ -185,7 +185,8 @@ async function init() {
     }
     document.body.dataset.backend = backend;
     $("status").textContent = "Preparing the model…";
-    await warmUp(Number(params.get("warmup") ?? WARM_UP_CALLS));
+    const asked = Math.trunc(Number(params.get("warmup") ?? WARM_UP_CALLS));  // ?warmup=N, 0..100; anything else: 0
+    await warmUp(Number.isFinite(asked) ? Math.min(Math.max(asked, 0), 100) : 0);
   } catch (e) {
     $("error").textContent = `could not load the model: ${e.message}`;
     $("status").textContent = "Failed.";
