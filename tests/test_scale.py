@@ -212,7 +212,7 @@ def test_precision_bf16_and_epochs_on_cpu(tmp_path, synthetic):
     (["--set", "data=/nonexistent/train-{0..3}.tar"], "data: 4 of 4 webdataset shards not found"),
     (["--set", "precision=fp8"], "precision must be one of auto, fp32, bf16, fp16"),
     (["--set", "grad_accum=3"], "batch_size 8 is not divisible by grad_accum 3"),
-    (["--set", "image_features=online", "--set", "flip_augment=true"], "flip_augment need(s) the in-RAM feature cache"),
+    (["--set", "image_features=online", "--set", "references=consensus"], "references=consensus need(s) the in-RAM feature cache"),
 ])
 def test_bad_scale_options_are_one_line(tmp_path, synthetic, args, message):
     r = _cli("train", "--config", str(_config(tmp_path, synthetic)), *args)

@@ -13,12 +13,11 @@ from tqdm.auto import tqdm
 
 from ladic.checkpoint import CONFIG_NAME, WEIGHTS_NAME, Captioner, CheckpointError, shipped_model_path
 from ladic.config import LaDiCConfig
-from ladic.diffuser import KV, Diffuser
+from ladic.diffuser import Diffuser
 from ladic.diffusion import GaussianDiffusion
 from ladic.image_encoders import ImageEncoder
 from ladic.image_io import ImageInput, ImageLoadError, load_images
 from ladic.photo_seed import photo_generator, pixel_key, tensor_key
-from ladic.reward import CiderReward, self_critical_loss
 from ladic.sampling import SampleResult, ddim_sample_loop, guided_denoiser, mbr_select
 
 BLANK_MARKERS = ("[MASK]", "[mask]")
@@ -63,8 +62,7 @@ class LaDiC(Captioner):
         self.diffuser = Diffuser(config, self.text.dim, self.image_encoder.dim, self.image_encoder.num_tokens)
         self.diffusion = GaussianDiffusion(
             config.num_train_timesteps, config.beta_schedule, config.noise_factor,
-            config.timestep_sampling, config.timestep_logit_mean, config.timestep_logit_std,
-            config.student_steps, config.student_timestep_prob,
+            config.timestep_sampling, config.student_steps, config.student_timestep_prob,
         )
 
     def core_modules(self) -> dict[str, nn.Module]:
@@ -104,31 +102,23 @@ class LaDiC(Captioner):
             draws["u_keep"] = torch.rand((batch_size, cfg.max_length), generator=generator)
         if cfg.length_conditioning:
             draws["u_length"] = torch.rand(batch_size, generator=generator)
-        if cfg.glancing_ratio > 0:
-            draws["u_glance"] = torch.rand((batch_size, cfg.max_length), generator=generator)
         return draws
 
     def forward(
         self, image_inputs: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor, draws: dict[str, torch.Tensor],
-        reward: CiderReward | None = None, image_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Training step for DDP: cached image tokens (or pixels for a trainable encoder), cached text-encoder
         hidden states (B, L, D) and ids (B, L) -> losses (see ``training_losses``)."""
-        return self.training_losses(self.image_tokens(image_inputs), self.text.regularize(hidden, ids), ids, draws,
-                                    reward, image_index)
+        return self.training_losses(self.image_tokens(image_inputs), self.text.regularize(hidden, ids), ids, draws)
 
     def training_losses(
         self, image_feats: torch.Tensor, x0: torch.Tensor, ids: torch.Tensor, draws: dict[str, torch.Tensor],
-        reward: CiderReward | None = None, image_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """L = ||f(x_t, v, t) - x0||^2 + lambda CE(LMHead(decoder(denorm(x0_hat))), ids)  (paper Eq. 2).
 
         image_feats (B, N, D_img); x0 (B, L, D_txt) regularised latents; ids (B, L) token ids (targets,
         [PAD] included so that the decoder learns to emit it); ``draws`` from ``draw_training_noise``.
         Self-conditioning with probability p_sc, image dropped to the null condition with probability p_cfg.
-        With a ``reward`` (and the training image index (B,) of each row), the one-step sampler's self-critical
-        policy-gradient loss is added with weight ``reward.weight`` and the supervised loss scaled by
-        ``reward.supervised`` (``_reward_losses``, ``ladic.reward``).
         """
         cfg = self.config
         device = x0.device
@@ -154,71 +144,14 @@ class LaDiC(Captioner):
             given = draws["u_keep"].to(device) < draws["u_given"].to(device)[:, None]  # (B, L)
             use_given = (draws["u_infill"].to(device) < cfg.infill_self_cond_prob)[:, None, None]
             self_cond = torch.where(use_given, torch.where(given[..., None], x0, 0.0), self_cond)
-        target = self.text.output_index(ids)
-        if cfg.glancing_ratio > 0:
-            glanced, self_cond = self._glance(x_t, t, self_cond, kv, x0, ids, draws["u_glance"].to(device))
-            keep = ~glanced
-            x0_hat = self.diffuser(x_t, t, self_cond, kv)
-            latent = (x0_hat - x0).pow(2).mean(-1)[keep].mean()
-            caption = F.cross_entropy(self.text.logits(x0_hat, keep), target[keep])
-        else:
-            x0_hat = self.diffuser(x_t, t, self_cond, kv)
-            latent = F.mse_loss(x0_hat, x0)
-            caption = F.cross_entropy(self.text.logits(x0_hat).flatten(0, 1), target.flatten())
+        x0_hat = self.diffuser(x_t, t, self_cond, kv)
+        latent = F.mse_loss(x0_hat, x0)
+        caption = F.cross_entropy(self.text.logits(x0_hat).flatten(0, 1), self.text.output_index(ids).flatten())
         out = {"loss": latent + cfg.caption_loss_weight * caption, "latent": latent.detach(), "caption": caption.detach()}
         if length_loss is not None:
             out["loss"] = out["loss"] + cfg.length_loss_weight * length_loss
             out["length"] = length_loss.detach()
-        if reward is not None:
-            if image_index is None:
-                raise ValueError("a reward needs the training image index of every row")
-            out.update(self._reward_losses(image_feats, ids, noise, reward, image_index))
-            out["loss"] = reward.supervised * out["loss"] + reward.weight * out["policy"]
-            out["policy"] = out["policy"].detach()
         return out
-
-    def _reward_losses(self, image_feats: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor, reward: CiderReward,
-                       image_index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Self-critical policy gradient of the one-step sampler. Its only call, at t = T - 1 on x_T = F * noise
-        (B, L, D), at each target's length (B,) from ``ids`` (B, L), gives the decoder's per-position distributions
-        (with ``_decode_ids``'s bans); ``reward.samples`` captions per photo are drawn from them and scored by
-        ``reward`` against the human references of training images ``image_index`` (B,).
-        Returns {"policy": loss, "reward": mean CIDEr-D of the samples, "reward_greedy": of the argmax captions}."""
-        cfg = self.config
-        b, k = ids.shape[0], reward.samples
-        fixed, x_fixed, given = self.length_template(b, self.caption_lengths(ids).clamp(min=1))
-        ctx = self.diffuser.image_context(image_feats)
-        if cfg.length_conditioning:
-            ctx = self.diffuser.add_length(ctx, self.caption_lengths(given))
-        t = torch.full((b,), self.diffusion.num_timesteps - 1, device=ids.device, dtype=torch.long)
-        x0_hat = self.diffuser(self.diffusion.noise_factor * noise, t, x_fixed, self.diffuser.image_kv(ctx))
-        x0_hat = torch.where(fixed[..., None], x_fixed, x0_hat)  # as the sampler does: the decoder sees every position
-        free = ~fixed
-        logits = self._free_logits(x0_hat, free, given, cfg.no_dangling_end)  # (N_free, V')
-        logp = (logits / reward.temperature).log_softmax(-1)  # the policy: per-position, at the reward's temperature
-        picks = torch.multinomial(logp.detach().exp(), k, replacement=True)  # (N_free, k)
-        sentence_logp = logp.new_zeros(b, k).index_add_(0, free.nonzero()[:, 0], logp.gather(1, picks))  # (B, k)
-        choices = torch.cat([picks, logits.detach().argmax(-1, keepdim=True)], 1)  # (N_free, k + 1): last = argmax
-        drawn = given[..., None].repeat(1, 1, k + 1)  # (B, L, k + 1)
-        drawn[free] = self.text.token_ids(choices)
-        texts = self.text.ids_to_text(drawn.permute(0, 2, 1).flatten(0, 1))
-        scores = reward(texts, image_index.repeat_interleave(k + 1).tolist()).view(b, k + 1).to(logp.device)
-        return {"policy": self_critical_loss(sentence_logp, scores[:, :k]), "reward": scores[:, :k].mean(),
-                "reward_greedy": scores[:, k].mean()}
-
-    @torch.no_grad()
-    def _glance(self, x_t: torch.Tensor, t: torch.Tensor, self_cond: torch.Tensor, kv: list[KV] | torch.Tensor, x0: torch.Tensor,
-                ids: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """GLAT's glancing sampler: predict x0 once, count the wrong word positions N_err per caption, and reveal
-        round(glancing_ratio * N_err) word positions (the lowest uniforms ``u`` (B, L)) through the self-conditioning
-        input. Returns the revealed positions (B, L) bool and the new self-conditioning input (B, L, D)."""
-        first = self.text.logits(self.diffuser(x_t, t, self_cond, kv)).argmax(-1)
-        word = ~self.text.special_mask(ids)
-        wrong = ((first != self.text.output_index(ids)) & word).sum(1)
-        n = (self.config.glancing_ratio * wrong).round().long()
-        rank = u.masked_fill(~word, 2.0).argsort(1).argsort(1)  # 0 = the word position with the lowest uniform
-        glanced = rank < n[:, None]
-        return glanced, torch.where(glanced[..., None], x0, self_cond)
 
     # ------------------------------------------------------------------ sampling
     def _confidence(self, x0: torch.Tensor) -> torch.Tensor:

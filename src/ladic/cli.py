@@ -422,7 +422,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from ladic.checkpoint import CONFIG_NAME
     from ladic.models import load_model, model_class
-    from ladic.train import TrainConfig, checkpoint_model_config
+    from ladic.train import ConfigError, TrainConfig, checkpoint_model_config
 
     _quiet_transformers()
     src = Path(args.checkpoint)
@@ -440,7 +440,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"{src}: neither a model folder ({CONFIG_NAME}) nor a training checkpoint (train_config.json); "
                          f"a training run's is <out_dir>/checkpoint")
     else:
-        tc = TrainConfig(**json.loads((src / "train_config.json").read_text()))
+        try:
+            tc = TrainConfig.from_saved(json.loads((src / "train_config.json").read_text()))
+        except ConfigError as e:
+            raise UsageError(f"{src / 'train_config.json'}: {e}") from None
         model = model_class(tc.model_type)(checkpoint_model_config(src, tc).replace(output_vocab_size=0))
         stats = json.loads((src / "latent_stats.json").read_text())
         model.text.latent_mean.copy_(torch.tensor(stats["mean"]))

@@ -15,6 +15,11 @@ LEGACY_DEFAULTS: dict[str, Any] = {"input_scaling": "none", "position_init_std":
 # Settings that change how a trained model samples, not its weights: ``ladic eval --set`` may override them.
 SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "back_and_refine", "refine_time", "refine_keep", "refine_noise",
                  "clamp", "clamp_mask_pad", "sampling_noise_factor", "no_dangling_end", "mbr_lengths")
+# Options whose experiments lost and that left the library (results in docs/MODEL_CARD.md); commit REMOVED_IN has them.
+# A config saved before may still hold one: at the value it had by default (a no-op) it is dropped on load, another
+# value is refused (``drop_removed``).
+REMOVED_IN = "790f24f"
+REMOVED_MODEL_OPTIONS: dict[str, Any] = {"glancing_ratio": 0.0, "timestep_logit_mean": 0.0, "timestep_logit_std": 1.0}
 
 
 @dataclass
@@ -44,13 +49,10 @@ class LaDiCConfig:
     num_train_timesteps: int = 1000  # T
     beta_schedule: str = "cosine"  # "cosine" or "linear"
     noise_factor: float = 1.0  # F in x_t = sqrt(ab_t) x0 + F sqrt(1 - ab_t) eps (Gao et al. 2022)
-    # Training timesteps: "uniform" (paper) or "logit_normal", t = T sigmoid(n), n ~ N(mean, std^2) (SD3,
-    # Esser et al. 2024): fewer steps where x_t is nearly clean or nearly pure noise.
-    # "few_step" (for a few-step student): with probability student_timestep_prob, t is one of the timesteps
-    # a 1..student_steps-step sampler evaluates the network at, otherwise uniform.
+    # Training timesteps: "uniform" (paper) or "few_step" (for a few-step student): with probability
+    # student_timestep_prob, t is one of the timesteps a 1..student_steps-step sampler evaluates the network at,
+    # otherwise uniform.
     timestep_sampling: str = "uniform"
-    timestep_logit_mean: float = 0.0
-    timestep_logit_std: float = 1.0
     student_steps: int = 1
     student_timestep_prob: float = 0.5
     caption_loss_weight: float = 0.2  # lambda
@@ -59,10 +61,6 @@ class LaDiCConfig:
     # random part of its positions (zero elsewhere), and the sampler then passes given words (infilling, length
     # control) through the self-conditioning input of its first call, where x_T is still pure noise everywhere.
     infill_self_cond_prob: float = 0.0
-    # Not in the paper: glancing training (GLAT, Qian et al. 2021) for a one-step student. A first pass without
-    # gradient predicts the caption; glancing_ratio times its number of wrong words, at random word positions, are
-    # then revealed through the self-conditioning input, and the loss covers the other positions only. 0 = off.
-    glancing_ratio: float = 0.0
     cfg_drop_prob: float = 0.1
     # Not in the paper (issue 28): the diffuser's noisy input is scaled to unit variance, x_t / sqrt(ab_t + F^2 (1 - ab_t))
     # (EDM's c_in, Karras et al. 2022). With the noise factor F = 4, Var(x_t) grows from 1 to 16 and, unscaled, the
@@ -97,7 +95,7 @@ class LaDiCConfig:
     refine_time: float = 0.5  # Back&Refine at t = refine_time * T
     refine_keep: float = 0.5  # keep this fraction of the most confident tokens
     # Back&Refine's renoised positions: "fresh" Gaussian draws (paper), or "initial": x_T's own noise at those
-    # positions, so that the caption is a function of x_T alone (what trajectory distillation needs).
+    # positions, so that the caption is a function of x_T alone.
     refine_noise: str = "fresh"
     # Diffusion-LM clamping of intermediate estimates (not in the paper); on for new models since issue 28 (+1.8 CIDEr
     # on the AR-free model; every saved folder states its own setting)
@@ -123,18 +121,17 @@ class LaDiCConfig:
             raise ValueError("max_length must leave room for [CLS], one token and [SEP]")
         if self.beta_schedule not in ("cosine", "linear"):
             raise ValueError(f"unknown beta_schedule {self.beta_schedule!r}")
-        if self.timestep_sampling not in ("uniform", "logit_normal", "few_step"):
-            raise ValueError(f"unknown timestep_sampling {self.timestep_sampling!r}; use 'uniform', 'logit_normal' or 'few_step'")
+        if self.timestep_sampling == "logit_normal":
+            raise ValueError(f"timestep_sampling='logit_normal': the value lost its experiment and left the library; "
+                             f"`git show {REMOVED_IN}` has it")
+        if self.timestep_sampling not in ("uniform", "few_step"):
+            raise ValueError(f"unknown timestep_sampling {self.timestep_sampling!r}; use 'uniform' or 'few_step'")
         if self.student_steps < 1 or not 0 <= self.student_timestep_prob <= 1:
             raise ValueError("student_steps must be >= 1 and student_timestep_prob in [0, 1]")
         if not 0 <= self.infill_self_cond_prob <= 1:
             raise ValueError("infill_self_cond_prob must be in [0, 1]")
-        if not 0 <= self.glancing_ratio <= 1:
-            raise ValueError("glancing_ratio must be in [0, 1]")
         if not 0 <= self.length_drop_prob <= 1 or self.length_loss_weight < 0:
             raise ValueError("length_drop_prob must be in [0, 1] and length_loss_weight >= 0")
-        if self.timestep_logit_std <= 0:
-            raise ValueError("timestep_logit_std must be positive")
         if self.image_conditioning not in ("cross_attn", "prepend"):
             raise ValueError(f"unknown image_conditioning {self.image_conditioning!r}")
         if self.special_token_latent not in ("zero", "none"):
@@ -162,7 +159,9 @@ class LaDiCConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LaDiCConfig":
         """A saved config; keys it lacks because it was written before they existed take the value that
-        reproduces the model it was trained as (``LEGACY_DEFAULTS``), not today's default."""
+        reproduces the model it was trained as (``LEGACY_DEFAULTS``), not today's default; options that left the
+        library are dropped at their no-op values (``drop_removed``)."""
+        d = drop_removed(d, REMOVED_MODEL_OPTIONS)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -171,6 +170,16 @@ class LaDiCConfig:
 
     def replace(self, **overrides: Any) -> "LaDiCConfig":
         return dataclasses.replace(self, **overrides)
+
+
+def drop_removed(d: dict[str, Any], removed: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``d`` without the ``removed`` options (name -> the no-op value they had by default) it holds at those values;
+    ``ValueError`` naming the option and the commit that has it for any other value."""
+    for key, value in d.items():
+        if key in removed and value != removed[key]:
+            raise ValueError(f"{prefix}{key}={value!r}: the option lost its experiment and left the library; "
+                             f"`git show {REMOVED_IN}` has it")
+    return {k: v for k, v in d.items() if k not in removed}
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -33,7 +33,7 @@ def make_betas(schedule: str, num_timesteps: int) -> torch.Tensor:
     return cosine_betas(num_timesteps) if schedule == "cosine" else linear_betas(num_timesteps)
 
 
-TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "few_step")
+TIMESTEP_SAMPLINGS = ("uniform", "few_step")
 
 
 class GaussianDiffusion:
@@ -41,8 +41,7 @@ class GaussianDiffusion:
 
     def __init__(
         self, num_timesteps: int = 1000, schedule: str = "cosine", noise_factor: float = 1.0,
-        timestep_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
-        student_steps: int = 1, student_prob: float = 0.5,
+        timestep_sampling: str = "uniform", student_steps: int = 1, student_prob: float = 0.5,
     ) -> None:
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"unknown timestep sampling {timestep_sampling!r}")
@@ -50,7 +49,6 @@ class GaussianDiffusion:
         self.num_timesteps = num_timesteps
         self.noise_factor = noise_factor
         self.timestep_sampling = timestep_sampling
-        self.logit_mean, self.logit_std = logit_mean, logit_std
         self.student_steps, self.student_prob = student_steps, student_prob
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # ab_t, (T,) float64
@@ -81,18 +79,15 @@ class GaussianDiffusion:
         return self.q_sample(x0_hat, t_next, eps)
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B,) integer training timesteps in 0..T-1: uniform; T sigmoid(n) with n ~ N(logit_mean, logit_std^2);
-        or ``"few_step"``: with probability ``student_prob`` one of the timesteps a sampler of 1..``student_steps``
-        steps calls the network at (for S = 2: T-1 and 0), otherwise uniform."""
+        """(B,) integer training timesteps in 0..T-1: uniform, or ``"few_step"``: with probability ``student_prob`` one
+        of the timesteps a sampler of 1..``student_steps`` steps calls the network at (for S = 2: T-1 and 0),
+        otherwise uniform."""
+        uniform = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator)
         if self.timestep_sampling == "uniform":
-            return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator)
-        if self.timestep_sampling == "few_step":
-            uniform = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator)
-            calls = torch.tensor(sorted({t for s in range(1, self.student_steps + 1) for t in self.inference_timesteps(s)}))
-            pick = calls[torch.randint(0, len(calls), (batch_size,), generator=generator)]
-            return torch.where(torch.rand(batch_size, generator=generator) < self.student_prob, pick, uniform)
-        n = torch.randn(batch_size, generator=generator) * self.logit_std + self.logit_mean
-        return (torch.sigmoid(n) * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
+            return uniform
+        calls = torch.tensor(sorted({t for s in range(1, self.student_steps + 1) for t in self.inference_timesteps(s)}))
+        pick = calls[torch.randint(0, len(calls), (batch_size,), generator=generator)]
+        return torch.where(torch.rand(batch_size, generator=generator) < self.student_prob, pick, uniform)
 
     def inference_timesteps(self, num_inference_steps: int) -> list[int]:
         """``num_inference_steps`` evenly spaced timesteps from T-1 down to 0 (each is one denoising iteration)."""

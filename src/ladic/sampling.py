@@ -111,7 +111,7 @@ def ddim_sample_loop(
             of most confident positions, replace the rest with pure Gaussian noise and start a fresh
             denoising from t = T (paper section 3.4). Needs ``confidence_fn``.
         refine_noise: "fresh": the renoised positions take new Gaussian draws (paper); "initial": they take
-            x_T's own noise, so the result is a deterministic function of x_T (trajectory distillation's target).
+            x_T's own noise, so the result is a deterministic function of x_T.
         clamp_fn: applied to x0_hat before every DDIM update (not to the final estimate): the
             "clamping trick" of Diffusion-LM (Li et al. 2022), x0_hat -> latents of its argmax tokens.
         callback: called after every iteration with (iteration, t, x0_hat).

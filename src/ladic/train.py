@@ -25,11 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ladic.captioner import LaDiC
-from ladic.config import LEGACY_DEFAULTS, LaDiCConfig, preset
-from ladic.data.distill import with_teacher_noise
+from ladic.config import LEGACY_DEFAULTS, REMOVED_MODEL_OPTIONS, LaDiCConfig, drop_removed, preset
 from ladic.data.features import FeatureSet, build_features, build_image_features
 from ladic.data.loader import epoch_order
-from ladic.photo_seed import tensor_key
 
 
 class TrainingDiverged(RuntimeError):
@@ -86,36 +84,16 @@ class TrainConfig:
     # teacher's own choice) or "references" (the candidate with the highest CIDEr-D against the photo's human
     # references; ladic.data.distill.select_by_references).
     distill_select: str = "mbr"
-    # With distill_select = "references": another captioner folder (e.g. the shipped AR baseline) whose
-    # distill_pool_beams beam candidates per photo join the teacher's draws before the selection (not in the paper).
-    distill_pool_from: str | None = None
-    distill_pool_beams: int = 5
     # "reference": a teacher caption that ends on a function word ("... in front of a") is replaced by the image's
     # consensus human reference (see ``references``), so a student does not learn cut-off endings; "keep": as is.
     distill_dangling: str = "keep"
     distill_keep_references: bool = False  # train on the teacher caption and the human captions
-    # Trajectory distillation (Luhman & Luhman 2021; not in the paper): this fraction of every batch is trained at
-    # t = T - 1 on the very noise x_T from which the LaDiC teacher sampled that photo's target, so that a one-step
-    # student learns the teacher's map x_T -> caption instead of an average over it. Needs distill_mbr = 1 and a
-    # teacher sampler whose caption is a function of x_T alone (no Back&Refine, or refine_noise "initial").
-    distill_noise_prob: float = 0.0
-    # Flip augmentation (not in the paper): every training photo also enters mirrored, with "left"/"right"
-    # swapped in its captions (ladic.data.captions.mirror_caption); the mirrored tokens are cached too.
-    flip_augment: bool = False
     # Training references: "all" (every human caption) or "consensus" (one per image: the caption with the highest
     # CIDEr-D against the image's other captions, ladic.data.captions.consensus_index); not in the paper.
     references: str = "all"
     # The LM head scores only the word pieces of the training targets (+ specials) instead of all 30,522: the
     # output layer costs a fraction, and the vocabulary is saved with the model (LaDiCConfig.output_vocab_size).
     restrict_vocab: bool = False
-    # Self-critical policy gradient on CIDEr-D (ladic.reward; not in the paper): with reward_weight > 0 every step
-    # also samples reward_samples one-step captions per photo and adds reward_weight x the policy-gradient loss.
-    reward_weight: float = 0.0
-    reward_samples: int = 5
-    # Weight of the supervised loss (latent + caption + length) beside the reward; 0 = self-critical training only
-    # (the targets then give only the sampled captions' lengths).
-    reward_supervised_weight: float = 1.0
-    reward_temperature: float = 1.0  # the one-step policy samples softmax(logits / reward_temperature)
     # Training at scale (ladic.data.loader / ladic.data.shards; README "Training at the paper's scale").
     # A `ladic features` folder: train from its memory-mapped shards instead of the in-RAM feature cache.
     features_dir: str | None = None
@@ -172,11 +150,38 @@ class TrainConfig:
                 d.setdefault("model", {})[key[6:]] = parsed
             else:
                 d[key] = parsed
+        d = without_removed(d)
         _check_fields(cls, d, "training option")
         _check_fields(LaDiCConfig, d.get("model", {}), "model option", "model.")
         tc = cls(**d)
         check_train_config(tc)
         return tc
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any]) -> TrainConfig:
+        """The ``train_config.json`` of a training checkpoint, perhaps written before some options left the library
+        (``without_removed``)."""
+        return cls(**without_removed(d))
+
+
+# Training options whose experiments lost and that left the library (``ladic.config.REMOVED_IN`` has them): name ->
+# the no-op value they had by default.
+REMOVED_TRAIN_OPTIONS: dict[str, Any] = {
+    "distill_pool_from": None, "distill_pool_beams": 5, "distill_noise_prob": 0.0, "flip_augment": False,
+    "reward_weight": 0.0, "reward_samples": 5, "reward_supervised_weight": 1.0, "reward_temperature": 1.0,
+}
+
+
+def without_removed(d: dict[str, Any]) -> dict[str, Any]:
+    """A training config (and its ``model`` overrides) without the options that left the library, where they hold
+    their no-op values; ``ConfigError`` naming the option otherwise (``ladic.config.drop_removed``)."""
+    try:
+        out = drop_removed(d, REMOVED_TRAIN_OPTIONS)
+        if isinstance(out.get("model"), dict):
+            out["model"] = drop_removed(out["model"], REMOVED_MODEL_OPTIONS, "model.")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return out
 
 
 # A field's annotation (a string under postponed evaluation) -> the JSON values it accepts; others are not checked.
@@ -214,9 +219,9 @@ _CHOICES = {
 }
 _AT_LEAST = {
     "batch_size": 1, "max_steps": 0, "save_every": 1, "eval_every": 0, "val_images": 0, "val_steps": 1, "log_every": 1,
-    "stats_captions": 1, "distill_beams": 1, "distill_mbr": 1, "distill_pool_beams": 1, "reward_samples": 1,
-    "num_scenes": 1, "scene_size": 8, "scene_max_objects": 1, "scene_captions": 0, "train_images": 1,
-    "num_workers": 0, "grad_accum": 1, "dist_timeout_s": 1, "keep_checkpoints": 1, "epochs": 1,
+    "stats_captions": 1, "distill_beams": 1, "distill_mbr": 1, "num_scenes": 1, "scene_size": 8, "scene_max_objects": 1,
+    "scene_captions": 0, "train_images": 1, "num_workers": 0, "grad_accum": 1, "dist_timeout_s": 1, "keep_checkpoints": 1,
+    "epochs": 1,
 }
 
 
@@ -233,13 +238,12 @@ def check_train_config(tc: TrainConfig) -> None:
         value = getattr(tc, key)
         if value is not None and value < low:
             raise ConfigError(f"{key} must be >= {low}, got {value}")
-    for key in ("lr", "reward_temperature"):
-        if not getattr(tc, key) > 0:
-            raise ConfigError(f"{key} must be > 0, got {getattr(tc, key)}")
-    for key in ("warmup_ratio", "ema_decay", "distill_noise_prob", "max_bad_share"):
+    if not tc.lr > 0:
+        raise ConfigError(f"lr must be > 0, got {tc.lr}")
+    for key in ("warmup_ratio", "ema_decay", "max_bad_share"):
         if not 0 <= getattr(tc, key) <= 1:
             raise ConfigError(f"{key} must be in [0, 1], got {getattr(tc, key)}")
-    for key in ("weight_decay", "grad_clip", "reward_weight", "reward_supervised_weight"):
+    for key in ("weight_decay", "grad_clip"):
         if not getattr(tc, key) >= 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(tc, key)}")
     from ladic.data.sources import DataError, expand_shards, is_webdataset
@@ -265,7 +269,7 @@ def check_train_config(tc: TrainConfig) -> None:
     scale = tc.features_dir is not None or tc.image_features == "online"
     if scale and tc.data == "scenes":
         raise ConfigError("features_dir and image_features=online read caption files or shards, not data=scenes")
-    in_ram = [k for k in ("distill_from", "flip_augment", "reward_weight", "distill_noise_prob") if getattr(tc, k)]
+    in_ram = ["distill_from"] if tc.distill_from else []
     in_ram += ["references=consensus"] if tc.references == "consensus" else []
     if scale and in_ram:
         raise ConfigError(f"{', '.join(in_ram)} need(s) the in-RAM feature cache; drop features_dir / "
@@ -291,7 +295,7 @@ def check_train_config(tc: TrainConfig) -> None:
     unknown = sorted(set(tc.distill_sampler) - set(SAMPLING_KEYS))
     if unknown:
         raise ConfigError(f"distill_sampler: {', '.join(unknown)} not a sampling setting; use {', '.join(SAMPLING_KEYS)}")
-    for key in ("init_from", "distill_from", "distill_pool_from"):
+    for key in ("init_from", "distill_from"):
         folder = getattr(tc, key)
         if folder is not None and not Path(folder, "config.json").is_file():
             raise ConfigError(f"{key} {folder!r}: not a model folder (no config.json there)")
@@ -321,7 +325,12 @@ def checkpoint_model_config(ckpt: Path, tc: TrainConfig) -> LaDiCConfig:
     before issue 28, the run's config with ``LEGACY_DEFAULTS``)."""
     path = ckpt / "model_config.json"
     if path.is_file():
-        return LaDiCConfig.from_dict(json.loads(path.read_text()))
+        from ladic.checkpoint import CheckpointError
+
+        try:
+            return LaDiCConfig.from_dict(json.loads(path.read_text()))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     return model_config(tc, legacy=True)
 
 
@@ -394,10 +403,8 @@ def load_datasets(tc: TrainConfig, model: LaDiC, progress: bool) -> tuple[Featur
 def training_features(tc: TrainConfig, model: LaDiC, records: list, cache: str | None, images: list | None,
                       progress: bool) -> FeatureSet:
     """The training set; with ``distill_from``, each image's target is the teacher's caption of it
-    (``ladic.data.distill``): the image tokens are built once, for the teacher and for the set. With
-    ``flip_augment`` the mirrored photos follow, captioned by the mirrored targets."""
+    (``ladic.data.distill``): the image tokens are built once, for the teacher and for the set."""
     tokens = build_image_features(model, records, cache, images, progress=progress)
-    human = list(records)  # before consensus / distillation replace the captions
     if tc.references == "consensus":
         from ladic.data.captions import CaptionRecord, consensus_index
 
@@ -412,34 +419,14 @@ def training_features(tc: TrainConfig, model: LaDiC, records: list, cache: str |
         if tc.distill_select not in ("mbr", "references"):
             raise ValueError(f"unknown distill_select {tc.distill_select!r}; use 'mbr' or 'references'")
         by_refs = tc.distill_select == "references"
-        if tc.distill_pool_from and not by_refs:
-            raise ValueError("distill_pool_from needs distill_select = 'references'")
-        ids = [r.image_id for r in records]
-        caps = teacher_captions(tc.distill_from, ids, sources, tokens, model.image_encoder.name, tc.distill_beams,
-                                tc.distill_mbr, cache, progress=progress, sampler=tc.distill_sampler, candidates=by_refs)
-        if tc.distill_pool_from:
-            pool = teacher_captions(tc.distill_pool_from, ids, sources, tokens, model.image_encoder.name,
-                                    tc.distill_pool_beams, cache_dir=cache, progress=progress, candidates=True)
-            caps = [list(a) + list(b) for a, b in zip(caps, pool)]
+        caps = teacher_captions(tc.distill_from, [r.image_id for r in records], sources, tokens, model.image_encoder.name,
+                                tc.distill_beams, tc.distill_mbr, cache, progress=progress, sampler=tc.distill_sampler,
+                                candidates=by_refs)
         if by_refs:
             caps = select_by_references(caps, records)
         caps = replace_dangling(caps, records, tc.distill_dangling)
         records = distill_records(records, caps, tc.distill_keep_references)
-    train = build_features(model, records, cache, images=images, progress=progress, image_tokens=tokens)
-    if tc.flip_augment:
-        from ladic.data.captions import CaptionRecord, mirror_caption
-
-        def mirror(recs: list) -> list:
-            return [CaptionRecord(f"{r.image_id}#flip", r.image_path, [mirror_caption(c) for c in r.captions], r.split)
-                    for r in recs]
-
-        flipped = build_image_features(model, records, cache, images, progress=progress, flip=True)
-        train = train.concat(build_features(model, mirror(records), cache, images=images, progress=progress,
-                                            image_tokens=flipped))
-        human += mirror(human)
-    if tc.reward_weight > 0:  # the reward scores against every human caption, not the (distilled) training targets
-        train.references = {r.image_id: list(r.captions) for r in human}
-    return train
+    return build_features(model, records, cache, images=images, progress=progress, image_tokens=tokens)
 
 
 def global_batch(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -526,7 +513,7 @@ class TrainData:
     dataset: Any  # PlannedRows | OnlineRecords (map-style) or OnlineStream (iterable)
     size: int | None  # training captions (None for a stream)
     online: bool = False
-    features: FeatureSet | None = None  # the in-RAM set (references, trajectory keys, vocabulary)
+    features: FeatureSet | None = None  # the in-RAM set (latent stats, vocabulary)
     records: list | None = None  # the caption records of an online run
 
 
@@ -662,8 +649,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 class Metrics:
     """log.jsonl (every record) and metrics.csv / val_metrics.csv (fixed columns, appended across resumes)."""
 
-    TRAIN = ("step", "loss", "latent", "caption", "lr", "elapsed_s", "samples_per_s", "data_wait", "peak_rss_mb", "policy",
-             "reward", "reward_greedy")
+    TRAIN = ("step", "loss", "latent", "caption", "lr", "elapsed_s", "samples_per_s", "data_wait", "peak_rss_mb")
 
     def __init__(self, out: Path) -> None:
         self.out = out
@@ -759,7 +745,6 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
         model.config = model.config.replace(trained_length_p99=_percentile_of_counts(lengths, 0.99))
     ema = {k: v.detach().clone().float() if v.is_floating_point() else v.clone()
            for k, v in model.trainable_state_dict().items()}
-    image_keys = trajectory_keys(tc, model, data.features) if data.features is not None else None
     step = 0
     if resume and (ckpt / "weights.safetensors").is_file():
         model.load_trainable_state_dict(load_file(str(ckpt / "weights.safetensors")), source=str(ckpt))
@@ -770,13 +755,6 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
         step = state["step"]
         if d.main:
             print(f"resumed from {ckpt} at step {step}")
-    reward = None
-    if tc.reward_weight > 0:
-        from ladic.reward import CiderReward
-
-        train_set = data.features
-        reward = CiderReward([train_set.references[i] for i in train_set.image_ids], tc.reward_weight, tc.reward_samples,
-                             tc.reward_supervised_weight, tc.reward_temperature)
     ddp = DistributedDataParallel(model) if d.world > 1 else model
     step_fn = torch.compile(ddp) if tc.compile else ddp
     writer = None
@@ -818,8 +796,7 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
                 bad.merge(batch["bad"])
                 bad.check()
             plan = batch["plan"]
-            keys = [image_keys[i] for i in batch["image_index"].tolist()] if image_keys is not None else None
-            draws = row_draws(model, tc.seed, step, plan.positions, keys, tc.distill_noise_prob)
+            draws = row_draws(model, tc.seed, step, plan.positions)
             batch = _to_device(batch, device)
             if data.online:
                 with torch.no_grad():
@@ -830,14 +807,13 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
             sync = ddp.no_sync() if d.world > 1 and m < len(micro) - 1 else nullcontext()
             with sync:
                 with autocast:
-                    losses = step_fn(images, hidden, batch["ids"], {k: v.to(device) for k, v in draws.items()},
-                                     **({} if reward is None else {"reward": reward, "image_index": batch["image_index"]}))
+                    losses = step_fn(images, hidden, batch["ids"], {k: v.to(device) for k, v in draws.items()})
                 loss = losses["loss"].float() / len(micro)
                 check = check + loss.detach()
                 if step == tc.fail_at_step:
                     check = check + float("nan")
                 scaler.scale(loss).backward()
-            for k in ("latent", "caption", "policy", "reward", "reward_greedy"):
+            for k in ("latent", "caption"):
                 if k in losses:
                     parts[k] = parts.get(k, 0.0) + losses[k].item() / len(micro)
         if d.world > 1:  # (the logged parts too: every rank's mean, not rank 0's)
@@ -868,7 +844,7 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             metrics.train(rec)
             if writer is not None:
-                for k in ("loss", "latent", "caption", "lr", "policy", "reward", "reward_greedy", "data_wait"):
+                for k in ("loss", "latent", "caption", "lr", "data_wait"):
                     if k in rec:
                         writer.add_scalar(f"train/{k}", rec[k], step)
         if d.main and step % tc.save_every == 0:
@@ -896,23 +872,6 @@ def train(tc: TrainConfig, resume: bool = False) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return final
-
-
-def trajectory_keys(tc: TrainConfig, model: LaDiC, train_set: FeatureSet) -> list[str] | None:
-    """The per-photo noise keys of the teacher's captions (``distill_noise_prob`` > 0), else None."""
-    if tc.distill_noise_prob <= 0:
-        return None
-    from ladic.checkpoint import CONFIG_NAME
-    from ladic.models import checkpoint_model_type
-
-    if not tc.distill_from or tc.distill_mbr != 1 or tc.flip_augment or tc.distill_keep_references:
-        raise ValueError("distill_noise_prob needs distill_from (a LaDiC teacher), distill_mbr = 1, "
-                         "no flip_augment and no distill_keep_references")
-    teacher_cfg = json.loads((Path(tc.distill_from) / CONFIG_NAME).read_text()).get("config", {})
-    same = model.image_encoder.pretrained and teacher_cfg.get("image_encoder") == model.image_encoder.name
-    if checkpoint_model_type(tc.distill_from) != "ladic" or not same:  # (then the teacher sampled from the cached tokens)
-        raise ValueError("distill_noise_prob needs a LaDiC teacher with the student's pretrained image encoder")
-    return [tensor_key(row.float()) for row in train_set.images]  # (row by row: no float32 copy of the whole set)
 
 
 def fit_stats_from_hidden(model: LaDiC, hidden: torch.Tensor, ids: torch.Tensor) -> None:

@@ -53,14 +53,6 @@ def pre_paragraph(paragraph: str, max_words: int = 200) -> str:
     return " ".join(sentences)
 
 
-_LEFT_RIGHT = re.compile(r"\b(left|right)\b")
-
-
-def mirror_caption(caption: str) -> str:
-    """The caption of the horizontally flipped photo: "left" and "right" swap places, nothing else changes."""
-    return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
-
-
 FUNCTION_WORDS = frozenset({
     "a", "an", "the",  # articles
     "of", "in", "on", "at", "to", "with", "for", "from", "by", "into", "onto", "near", "under", "over",

@@ -130,28 +130,6 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-def teacher_noise(keys: Sequence[str], length: int, dim: int, seed: int = 0) -> torch.Tensor:
-    """(B, L, D) unit Gaussian noise that a LaDiC teacher's caption of each photo started from in ``teacher_captions``
-    (its x_T is noise_factor times this): the first draw of the photo's generator (``ladic.photo_seed``), keyed
-    like ``LaDiC.generate`` keys precomputed image tokens, ``tensor_key`` of the float32 tokens."""
-    from ladic.photo_seed import photo_generator
-    from ladic.sampling import gaussian_noise
-
-    return gaussian_noise((len(keys), length, dim), [photo_generator(seed, key) for key in keys])
-
-
-def with_teacher_noise(draws: dict[str, torch.Tensor], generator: torch.Generator, prob: float, keys: Sequence[str],
-                       num_timesteps: int) -> dict[str, torch.Tensor]:
-    """Trajectory distillation's draws: each row, with probability ``prob`` (one uniform per row from ``generator``,
-    drawn after the step's other draws), is trained at t = T - 1 on its photo's ``teacher_noise`` (``keys``: one per
-    row) instead of its own draw. ``draws`` as from ``LaDiC.draw_training_noise``: t (B,), noise (B, L, D)."""
-    traj = torch.rand(len(keys), generator=generator) < prob
-    noise = draws["noise"].clone()
-    if traj.any():
-        noise[traj] = teacher_noise([k for k, use in zip(keys, traj.tolist()) if use], *noise.shape[1:])
-    return {**draws, "t": torch.where(traj, num_timesteps - 1, draws["t"]), "noise": noise}
-
-
 def select_by_references(candidates: Sequence[Sequence[str]], records: Sequence[CaptionRecord]) -> list[str]:
     """Per image, the teacher candidate with the highest CIDEr-D (pycocoevalcap's ``Cider``, document frequencies
     over all images) against the image's human references: a target that keeps the teacher's style (one sentence
@@ -197,5 +175,4 @@ def distill_records(records: Sequence[CaptionRecord], captions: Sequence[str], k
     ]
 
 
-__all__ = ["teacher_captions", "teacher_noise", "with_teacher_noise", "select_by_references", "replace_dangling",
-           "distill_records"]
+__all__ = ["teacher_captions", "select_by_references", "replace_dangling", "distill_records"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -46,17 +46,6 @@ class FeatureSet:
         image_index = self.caption_image[rows_t]
         return {"images": self.images[image_index].float(), "hidden": self.hidden[rows_t], "ids": self.ids[rows_t].long(),
                 "image_index": image_index}
-
-    def concat(self, other: "FeatureSet") -> "FeatureSet":
-        """Both sets as one (image ids must not collide): images, captions and references appended."""
-        if set(self.image_ids) & set(other.image_ids):
-            raise ValueError("feature sets share image ids")
-        return FeatureSet(
-            images=torch.cat([self.images, other.images]), hidden=torch.cat([self.hidden, other.hidden]),
-            ids=torch.cat([self.ids, other.ids]),
-            caption_image=torch.cat([self.caption_image, other.caption_image + self.images.shape[0]]),
-            image_ids=self.image_ids + other.image_ids, references={**self.references, **other.references},
-        )
 
 
 def _key(*parts: object) -> str:
@@ -100,19 +89,12 @@ def image_encoder_of(model):
     return model.image_encoder if hasattr(model, "image_encoder") else model
 
 
-def encode_images(model, images: Sequence[str | Image.Image], batch_size: int = 64, progress: bool = False,
-                  flip: bool = False) -> torch.Tensor:
-    """Images -> (N, N_tok, D) fp16 tokens through the frozen encoder (pixels (N, 3, H, W) if it is trainable).
-
-    ``flip`` encodes the horizontally mirrored images (the flip augmentation of ``TrainConfig.flip_augment``).
-    """
+def encode_images(model, images: Sequence[str | Image.Image], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """Images -> (N, N_tok, D) fp16 tokens through the frozen encoder (pixels (N, 3, H, W) if it is trainable)."""
     enc = image_encoder_of(model)
     chunks = []
-    desc = f"image features ({enc.name}{', flipped' if flip else ''})"
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress):
+    for i in tqdm(range(0, len(images), batch_size), desc=f"image features ({enc.name})", disable=not progress):
         pil = [load_image(im) for im in images[i : i + batch_size]]
-        if flip:
-            pil = [ImageOps.mirror(im) for im in pil]
         if enc.pretrained:
             chunks.append(enc.encode(pil).half().cpu())
         else:
@@ -133,21 +115,21 @@ def encode_texts(text: TextSpace, captions: Sequence[str], batch_size: int = 256
 
 def build_image_features(model, records: Sequence[CaptionRecord], cache_dir: str | Path | None = None,
                          images: Sequence[Image.Image] | None = None, *, batch_size: int = 64,
-                         progress: bool = False, flip: bool = False) -> torch.Tensor:
-    """Image tokens (N_img, N_tok, D_img) of ``records`` (or of in-memory ``images``), cached like ``build_features``;
-    ``flip``: of the horizontally mirrored images. ``model`` is a captioner or an image encoder."""
+                         progress: bool = False) -> torch.Tensor:
+    """Image tokens (N_img, N_tok, D_img) of ``records`` (or of in-memory ``images``), cached like ``build_features``.
+    ``model`` is a captioner or an image encoder."""
     enc = image_encoder_of(model)
     if isinstance(enc, GridPooledEncoder):  # pool the base encoder's (cached) tokens instead of re-running it
-        base = build_image_features(enc.base, records, cache_dir, images, batch_size=batch_size, progress=progress, flip=flip)
+        base = build_image_features(enc.base, records, cache_dir, images, batch_size=batch_size, progress=progress)
         return torch.cat([enc.pool(chunk) for chunk in base.split(1024)])
     sources = list(images) if images is not None else [r.image_path for r in records]
     img_path = None
     if cache_dir is not None and images is None and enc.pretrained:
-        key = _key(enc.name, getattr(enc, "cache_key", ""), sources, *(["flip"] if flip else []))
-        img_path = Path(cache_dir) / f"img-{enc.name.replace('/', '_').replace(':', '_')}{'-flip' if flip else ''}-{key}.safetensors"
+        key = _key(enc.name, getattr(enc, "cache_key", ""), sources)
+        img_path = Path(cache_dir) / f"img-{enc.name.replace('/', '_').replace(':', '_')}-{key}.safetensors"
 
     def encode(idx: list[int]) -> torch.Tensor:  # under torchrun each rank encodes every world-th image
-        return encode_images(enc, [sources[i] for i in idx], batch_size, progress, flip)
+        return encode_images(enc, [sources[i] for i in idx], batch_size, progress)
 
     return _cached(img_path, lambda: {"images": shard_and_gather(encode, len(sources))}, progress)["images"]
 

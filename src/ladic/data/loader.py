@@ -66,23 +66,14 @@ class StepBatches(torch.utils.data.Sampler):
                 yield BatchPlan(step, m, tuple(rows[lo : lo + local].tolist()), tuple(range(lo, lo + local)))
 
 
-def row_draws(model, seed: int, step: int, positions: Sequence[int], image_keys: Sequence[str] | None = None,
-              teacher_prob: float = 0.0) -> dict[str, torch.Tensor]:
+def row_draws(model, seed: int, step: int, positions: Sequence[int]) -> dict[str, torch.Tensor]:
     """The training randomness of the rows at ``positions`` of step ``step``'s global batch, each row from its own
     generator seeded by (seed, step, position): a rank draws only its rows, and any split of the batch over ranks
-    or accumulation steps draws the same numbers. ``image_keys`` (one per row): trajectory distillation's teacher
-    noise with probability ``teacher_prob``."""
-    from ladic.data.distill import with_teacher_noise
-
+    or accumulation steps draws the same numbers."""
     if not positions:
         return model.draw_training_noise(0)
-    parts = []
-    for j, p in enumerate(positions):
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 100_019 + p)
-        d = model.draw_training_noise(1, gen)
-        if image_keys is not None:
-            d = with_teacher_noise(d, gen, teacher_prob, [image_keys[j]], model.diffusion.num_timesteps)
-        parts.append(d)
+    parts = [model.draw_training_noise(1, torch.Generator().manual_seed((seed * 1_000_003 + step) * 100_019 + p))
+             for p in positions]
     return {k: torch.cat([d[k] for d in parts]) for k in parts[0]}
 
 
