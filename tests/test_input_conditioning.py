@@ -106,27 +106,3 @@ def test_runs_inherit_the_input_conditioning_of_their_init_from_folder(tmp_path)
     assert old.input_scaling == "none" and old.clamp_mask_pad is False
     (tmp_path / "model_config.json").write_text(json.dumps(preset("tiny", hidden_size=64, num_heads=2).to_dict()))
     assert checkpoint_model_config(tmp_path, TrainConfig(preset="tiny")).hidden_size == 64
-
-
-def test_adaln_blocks_start_as_the_identity_and_learn_to_use_t():
-    """time_conditioning "adaln": zero-initialised gates, so at init every block passes its input through; after a
-    few optimizer steps the output depends on t through the blocks, not only through the input embedding."""
-    torch.manual_seed(0)
-    model = LaDiC(preset("tiny", time_conditioning="adaln")).train()
-    blk = model.diffuser.blocks[0]
-    h, c = torch.randn(2, 12, model.diffuser.hidden_size), torch.randn(2, model.diffuser.hidden_size)
-    kv = model.diffuser.image_kv(model.diffuser.null_context(2))
-    assert torch.equal(blk(h, kv[0], c), h)
-    opt = torch.optim.AdamW(model.diffuser.parameters(), lr=1e-2)
-    x, sc = torch.randn(2, 12, model.text.dim), torch.zeros(2, 12, model.text.dim)
-    for _ in range(3):
-        kv = model.diffuser.image_kv(model.diffuser.null_context(2))
-        loss = (model.diffuser(x, torch.tensor([5, 900]), sc, kv) - x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert float(blk.modulation.weight.abs().max()) > 0
-    assert not torch.allclose(blk(h, kv[0], c), h)
-    with pytest.raises(ValueError, match="time_conditioning"):
-        preset("tiny", time_conditioning="film")
-    assert LaDiCConfig().time_conditioning == "input" and LaDiCConfig.from_dict({}).time_conditioning == "input"

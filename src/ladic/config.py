@@ -68,10 +68,6 @@ class LaDiCConfig:
     # the paper's code and every model saved before this setting (``from_dict`` fills that in for old folders).
     input_scaling: str = "unit_variance"
     position_init_std: float = 0.5  # std of the learned position embedding at initialisation (0.02 before issue 28)
-    # Not in the paper: how the diffuser sees the timestep t. "input": its embedding is added to the input tokens
-    # (the paper's code); "adaln": also adaLN-Zero in every block (DiT, Peebles & Xie 2023): the embedding sets a
-    # shift, scale and gate per sub-layer, the gates initialised at zero.
-    time_conditioning: str = "input"
     # Not in the paper: length conditioning (as non-autoregressive translation does, Gu et al. 2018). The caption's
     # number of word pieces N is embedded and added to the image context (0 = unknown, used with probability
     # length_drop_prob in training), and a head on the pooled image context predicts N (cross-entropy, weight
@@ -144,8 +140,6 @@ class LaDiCConfig:
             raise ValueError("sampling_noise_factor must be >= 0 (0 = the training noise factor)")
         if self.input_scaling not in INPUT_SCALINGS:
             raise ValueError(f"unknown input_scaling {self.input_scaling!r}; use {' or '.join(map(repr, INPUT_SCALINGS))}")
-        if self.time_conditioning not in ("input", "adaln"):
-            raise ValueError(f"unknown time_conditioning {self.time_conditioning!r}; use 'input' or 'adaln'")
         if self.image_token_grid < 0:
             raise ValueError("image_token_grid must be >= 0")
         if self.position_init_std < 0:

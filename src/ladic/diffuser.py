@@ -77,11 +77,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm block: self-attention, cross-attention to the image (if ``cross``), FFN. With ``adaln`` the
-    time embedding c sets each sub-layer's shift, scale and gate (adaLN-Zero, DiT): x + g(c) * f(LN(x) (1 + s(c)) +
-    b(c))."""
-
-    def __init__(self, dim: int, num_heads: int, ffn: int, dropout: float, cross: bool, adaln: bool = False) -> None:
+    def __init__(self, dim: int, num_heads: int, ffn: int, dropout: float, cross: bool) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.self_attn = Attention(dim, num_heads, dropout)
@@ -90,20 +86,12 @@ class Block(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim))
         self.drop = nn.Dropout(dropout)
-        self.modulation = nn.Linear(dim, 9 * dim) if adaln else None  # (shift, scale, gate) x 3 sub-layers
 
-    def forward(self, h: torch.Tensor, kv: KV | None, c: torch.Tensor | None = None) -> torch.Tensor:
-        """h: (B, L, d); c: (B, d) time embedding (used with adaLN). Returns (B, L, d)."""
-        if self.modulation is None:
-            h = h + self.drop(self.self_attn(self.norm1(h)))
-            if self.cross_attn is not None:
-                h = h + self.drop(self.cross_attn(self.norm2(h), kv))
-            return h + self.drop(self.mlp(self.norm3(h)))
-        m = self.modulation(F.silu(c))[:, None].chunk(9, dim=-1)  # 9 x (B, 1, d)
-        h = h + m[2] * self.drop(self.self_attn(self.norm1(h) * (1 + m[1]) + m[0]))
+    def forward(self, h: torch.Tensor, kv: KV | None) -> torch.Tensor:
+        h = h + self.drop(self.self_attn(self.norm1(h)))
         if self.cross_attn is not None:
-            h = h + m[5] * self.drop(self.cross_attn(self.norm2(h) * (1 + m[4]) + m[3], kv))
-        return h + m[8] * self.drop(self.mlp(self.norm3(h) * (1 + m[7]) + m[6]))
+            h = h + self.drop(self.cross_attn(self.norm2(h), kv))
+        return h + self.drop(self.mlp(self.norm3(h)))
 
 
 class Diffuser(nn.Module):
@@ -127,8 +115,7 @@ class Diffuser(nn.Module):
         self.image_pos = nn.Parameter(torch.zeros(1, num_image_tokens, d))
         self.null_image = nn.Parameter(torch.zeros(1, num_image_tokens, d))  # learned null condition (CFG)
         self.blocks = nn.ModuleList(
-            Block(d, config.num_heads, config.ffn_size, config.dropout, self.cross, config.time_conditioning == "adaln")
-            for _ in range(config.num_layers)
+            Block(d, config.num_heads, config.ffn_size, config.dropout, self.cross) for _ in range(config.num_layers)
         )
         self.norm_out = nn.LayerNorm(d)
         self.out_proj = nn.Linear(d, text_dim)
@@ -143,10 +130,6 @@ class Diffuser(nn.Module):
         self.register_buffer("c_in", input_scale(config), persistent=False)
         if config.length_conditioning:
             nn.init.zeros_(self.length_emb.weight)  # a model initialised from one without it starts identical
-        for blk in self.blocks:
-            if blk.modulation is not None:  # adaLN-Zero: every block starts as the identity
-                nn.init.zeros_(blk.modulation.weight)
-                nn.init.zeros_(blk.modulation.bias)
 
     def image_context(self, image_feats: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Image tokens (B, N, D_img) -> context (B, N, d); rows where ``drop`` (B,) is True get the null image."""
@@ -186,12 +169,11 @@ class Diffuser(nn.Module):
         length = x_t.shape[1]
         x_t = x_t * self.c_in[t].to(x_t.dtype)[:, None, None]
         h = self.in_proj(torch.cat([x_t, self_cond], dim=-1)) + self.pos_emb[:, :length]
-        c = self.time_mlp(timestep_embedding(t, self.hidden_size))  # (B, d)
-        h = h + c[:, None]
+        h = h + self.time_mlp(timestep_embedding(t, self.hidden_size))[:, None]
         if not self.cross:
             h = torch.cat([image_kv, h], dim=1)  # the image as a prepended [CLS]-like token
         for i, blk in enumerate(self.blocks):
-            h = blk(h, image_kv[i] if self.cross else None, c)
+            h = blk(h, image_kv[i] if self.cross else None)
         if not self.cross:
             h = h[:, 1:]
         return self.out_proj(self.norm_out(h))

@@ -303,7 +303,7 @@ def check_train_config(tc: TrainConfig) -> None:
 
 # ---------------------------------------------------------------------------- model config
 # Settings a model inherits from its ``init_from`` folder unless the run sets them: its weights were trained with them.
-INHERITED = ("input_scaling", "special_token_latent", "time_conditioning")
+INHERITED = ("input_scaling", "special_token_latent")
 
 
 def model_config(tc: TrainConfig, legacy: bool = False) -> LaDiCConfig:
