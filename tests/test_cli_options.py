@@ -42,6 +42,8 @@ BAD = [
     (["train", "--set", "flip_augment=true"], "flip_augment=True: the option lost its experiment and left the library"),
     (["train", "--set", "model.glancing_ratio=0.5"], "model.glancing_ratio=0.5: the option lost its experiment"),
     (["train", "--set", "batch_size=0"], "batch_size must be >= 1, got 0"),
+    (["train", "--set", "model.beta_schedule=steep"], "model: unknown beta_schedule 'steep'"),
+    (["train", "--set", "model.timestep_sampling=logit_normal"], "model: timestep_sampling='logit_normal': the value lost"),
     (["train", "--set", "preset=huge"], "unknown preset 'huge'"),
     (["train", "--set", "references=some"], "references must be one of all, consensus"),
     (["train", "--set", "data=/no/such.json"], "not 'flickr8k', 'scenes', a caption file (JSON, JSONL or CSV) or webdataset shards"),

@@ -299,6 +299,10 @@ def check_train_config(tc: TrainConfig) -> None:
         folder = getattr(tc, key)
         if folder is not None and not Path(folder, "config.json").is_file():
             raise ConfigError(f"{key} {folder!r}: not a model folder (no config.json there)")
+    try:
+        model_config(tc)  # the model options' own checks (LaDiCConfig.__post_init__), before any work starts
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
 
 
 # ---------------------------------------------------------------------------- model config
