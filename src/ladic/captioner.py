@@ -12,13 +12,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ladic.checkpoint import CONFIG_NAME, WEIGHTS_NAME, Captioner, CheckpointError, shipped_model_path
-from ladic.config import LaDiCConfig
+from ladic.config import CANDIDATE_SELECTS, LaDiCConfig
 from ladic.diffuser import Diffuser
 from ladic.diffusion import GaussianDiffusion
 from ladic.image_encoders import ImageEncoder
 from ladic.image_io import ImageInput, ImageLoadError, load_images
 from ladic.photo_seed import photo_generator, pixel_key, tensor_key
-from ladic.sampling import SampleResult, ddim_sample_loop, guided_denoiser, mbr_select
+from ladic.sampling import SampleResult, ddim_sample_loop, gaussian_noise, guided_denoiser, mbr_select
 
 BLANK_MARKERS = ("[MASK]", "[mask]")
 
@@ -230,16 +230,17 @@ class LaDiC(Captioner):
         special = (ids == tok.cls_token_id) | (ids == tok.sep_token_id) | (ids == tok.pad_token_id)
         return (~special).sum(dim=1).clamp(max=self.config.max_length - 2)
 
-    def predicted_lengths(self, context: torch.Tensor, k: int, mbr_lengths: str = "top") -> torch.Tensor:
+    def predicted_lengths(self, context: torch.Tensor, k: int, mbr_lengths: str = "top", num_lengths: int = 0) -> torch.Tensor:
         """Lengths to sample at for a context (B, N, d) whose rows come in groups of ``k`` per image (MBR
-        candidates): with ``mbr_lengths="top"`` the j-th row of a group gets the j-th most likely N, with
-        "predicted" every row gets the most likely N (the candidates differ by their noise only). Returns (B,)."""
+        candidates): with ``mbr_lengths="top"`` the j-th row of a group gets the (j mod m)-th most likely N, m =
+        ``num_lengths`` (0: m = k, one length per row), with "predicted" every row gets the most likely N (the
+        candidates differ by their noise only). Returns (B,)."""
         if mbr_lengths not in ("top", "predicted"):
             raise ValueError(f"unknown mbr_lengths {mbr_lengths!r}; use 'top' or 'predicted'")
         logits = self.diffuser.predict_length(context[::k])
         if mbr_lengths == "predicted":
             return logits.argmax(-1).repeat_interleave(k)
-        top = logits.topk(min(k, self.config.max_length - 2), dim=-1).indices  # (B / k, k')
+        top = logits.topk(min(num_lengths or k, k, self.config.max_length - 2), dim=-1).indices  # (B / k, k')
         return top.repeat(1, -(-k // top.shape[1]))[:, :k].reshape(-1)
 
     def infill_template(self, template: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -273,8 +274,9 @@ class LaDiC(Captioner):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         back_and_refine: bool | None = None,
-        mbr_candidates: int = 1,
+        mbr_candidates: int | None = None,
         mbr_similarity: str = "f1",
+        select: str | None = None,
         length: int | None = None,
         template: str | Sequence[str] | None = None,
         generator: torch.Generator | None = None,
@@ -317,8 +319,14 @@ class LaDiC(Captioner):
             raise ValueError(f"guidance_scale must be >= 0 (0 turns guidance off), got {w}")
         bnr = cfg.back_and_refine if back_and_refine is None else back_and_refine
         no_dangling = cfg.no_dangling_end if no_dangling_end is None else no_dangling_end
+        mbr_candidates = cfg.num_candidates if mbr_candidates is None else mbr_candidates
+        select = cfg.candidate_select if select is None else select
         if mbr_candidates < 1:
             raise ValueError("mbr_candidates must be >= 1")
+        if rerank_with is not None and mbr_candidates < 2:
+            raise ValueError("rerank_with chooses among candidates; give mbr_candidates >= 2 (--mbr K)")
+        if select not in CANDIDATE_SELECTS:
+            raise ValueError(f"unknown select {select!r}; use {' or '.join(map(repr, CANDIDATE_SELECTS))}")
         if rerank_with is not None and rerank_with.image_encoder.name != self.image_encoder.name:
             raise ValueError(f"rerank_with reads {rerank_with.image_encoder.name} image tokens; this model reads "
                              f"{self.image_encoder.name}")
@@ -366,10 +374,11 @@ class LaDiC(Captioner):
                 fixed, x_fixed, given = self.length_template(b, length)
             elif infill is not None:
                 fixed, x_fixed, given = (z[start : start + batch_size].repeat_interleave(k, dim=0) for z in infill)
-            ctx = self.diffuser.image_context(feats)
+            ctx = image_ctx = self.diffuser.image_context(feats)
             if cfg.length_conditioning:  # the asked / template length, else the predicted one (top-k with MBR)
                 if given is None:
-                    fixed, x_fixed, given = self.length_template(b, self.predicted_lengths(ctx, k, mbr_lengths or cfg.mbr_lengths))
+                    fixed, x_fixed, given = self.length_template(b, self.predicted_lengths(
+                        ctx, k, mbr_lengths or cfg.mbr_lengths, cfg.candidate_lengths))
                 ctx = self.diffuser.add_length(ctx, self.caption_lengths(given))
             free = None if fixed is None else ~fixed
             traj: list[list[str]] = []
@@ -395,7 +404,11 @@ class LaDiC(Captioner):
             out.num_evaluations += res.num_evaluations
             texts = self.text.ids_to_text(self._decode_ids(res.x0, free, given, no_dangling, exact, blanks),
                                           collapse_repeats=collapse)
-            scores = None if rerank_with is None or k == 1 else rerank_with.score_captions(image_feats, texts).view(-1, k)
+            scores = None
+            if k > 1 and rerank_with is not None:
+                scores = rerank_with.score_captions(image_feats, texts).view(-1, k)
+            elif k > 1 and select == "likelihood":
+                scores = self.likelihood_scores(image_ctx, texts, generators).view(-1, k)
             for j in range(0, b, k):
                 group = texts[j : j + k]
                 best = mbr_select(group, mbr_similarity) if scores is None else int(scores[j // k].argmax())
@@ -409,6 +422,34 @@ class LaDiC(Captioner):
                 if items is not None:
                     items.insert(i, None)
         return out
+
+    @torch.no_grad()
+    def likelihood_scores(self, context: torch.Tensor, captions: Sequence[str],
+                          generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """How well the model reconstructs each caption: a diffusion likelihood estimate for choosing among drafts.
+
+        Each caption is re-encoded to its latent x0 (B, L, D), noised to x_t = q_sample(x0, t, eps) at every t of
+        ``config.likelihood_timesteps`` (one eps per caption, drawn from ``generator``: one per row, as in sampling),
+        and denoised once under its image ``context`` (B, N, d) (``Diffuser.image_context``, the length added here
+        from the caption itself), without self-conditioning. Score = -mean over t of the mean squared error
+        ||f(x_t, v, t) - x0||^2 at the caption's word positions ([CLS]/[SEP]/[PAD] not counted, so that short
+        captions get no advantage). Returns (B,), higher = more likely. A caption with a missing or doubled word
+        sits off the manifold the denoiser learned and comes back changed: a drafted broken caption scores low.
+        """
+        x0, ids = self.text.encode(list(captions))
+        x0, ids = x0.to(self.device), ids.to(self.device)
+        if self.config.length_conditioning:
+            context = self.diffuser.add_length(context, self.caption_lengths(ids))
+        kv = self.diffuser.image_kv(context)
+        words = (~self.text.special_mask(ids)).float()  # (B, L)
+        eps = gaussian_noise(tuple(x0.shape), generator).to(self.device)
+        levels = self.config.likelihood_timesteps
+        error = torch.zeros(x0.shape[0], device=self.device)
+        for t in levels:
+            tt = torch.full((x0.shape[0],), t, device=self.device, dtype=torch.long)
+            x0_hat = self.diffuser(self.diffusion.q_sample(x0, tt, eps), tt, torch.zeros_like(x0), kv)
+            error += ((x0_hat - x0) ** 2).mean(-1).mul(words).sum(1) / words.sum(1).clamp(min=1)
+        return -error / len(levels)
 
     def _sampling_diffusion(self) -> GaussianDiffusion:
         """The process the sampler steps: the training one, or one with ``sampling_noise_factor``."""

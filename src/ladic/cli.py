@@ -33,7 +33,8 @@ def _check_options(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {low} ({what}), got {value}")
     if getattr(args, "runtime", "torch") == "onnx":
         given = [flag for flag, value in (("--steps", args.steps not in (None, 1)), ("--guidance", args.guidance),
-                                          ("--back-and-refine", args.back_and_refine), ("--mbr", args.mbr != 1),
+                                          ("--back-and-refine", args.back_and_refine), ("--mbr", args.mbr not in (None, 1)),
+                                          ("--select", args.select),
                                           ("--mbr-lengths", args.mbr_lengths), ("--length", args.length),
                                           ("--trajectory", args.trajectory), ("--rerank", args.rerank),
                                           ("--clamp", args.clamp is not None), ("--device", args.device != "cpu"),
@@ -96,7 +97,7 @@ def _load_onnx(path: str | None):
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     kwargs = dict(
         num_inference_steps=args.steps, guidance_scale=args.guidance, back_and_refine=args.back_and_refine,
-        mbr_candidates=args.mbr, seed=args.seed, clamp=args.clamp, mbr_lengths=args.mbr_lengths,
+        mbr_candidates=args.mbr, seed=args.seed, clamp=args.clamp, mbr_lengths=args.mbr_lengths, select=args.select,
     )
     if args.rerank:
         from ladic.baselines.ar import load_reranker
@@ -121,7 +122,12 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance weight w (default: the model's)")
     p.add_argument("--back-and-refine", action=argparse.BooleanOptionalAction, default=None,
                    help="Back&Refine at t = T/2 (default: the model's)")
-    p.add_argument("--mbr", type=int, default=1, help="MBR over this many candidates per image (default 1 = off)")
+    p.add_argument("--mbr", type=int, default=None,
+                   help="draft this many candidate captions per image and keep one (--select; default: the model's, 1 = "
+                        "a single draft)")
+    p.add_argument("--select", choices=("mbr", "likelihood"), default=None,
+                   help="how one of the --mbr drafts is kept: mbr (the most similar to the others) or likelihood (the "
+                        "one the model itself reconstructs best from noise) (default: the model's)")
     p.add_argument("--mbr-lengths", choices=("top", "predicted"), default=None,
                    help="length-conditioned models: candidate j at the j-th most likely length (top) or all at the "
                         "most likely one (predicted) (default: the model's)")
@@ -253,7 +259,7 @@ def _run_settings(args: argparse.Namespace) -> dict:
     if Path(model).exists():
         model = str(Path(model).resolve())
     return {"model": model, "steps": args.steps, "guidance": args.guidance, "back_and_refine": args.back_and_refine,
-            "mbr": args.mbr, "mbr_lengths": args.mbr_lengths, "seed": args.seed, "clamp": args.clamp,
+            "mbr": args.mbr, "select": args.select, "mbr_lengths": args.mbr_lengths, "seed": args.seed, "clamp": args.clamp,
             "length": args.length, "rerank": args.rerank_model if args.rerank else None}  # not the runtime: same captions
 
 
@@ -636,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "rerank", False) and args.mbr < 2:
+    if getattr(args, "rerank", False) and args.mbr is not None and args.mbr < 2:
         print("error: --rerank chooses among candidates; give --mbr K with K >= 2", file=sys.stderr)
         return 2
     shipped = [flag for flag in ("fast", "full") if getattr(args, flag, False)]

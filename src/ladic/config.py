@@ -14,7 +14,9 @@ LEGACY_DEFAULTS: dict[str, Any] = {"input_scaling": "none", "position_init_std":
                                    "sampling_noise_factor": 0.0}
 # Settings that change how a trained model samples, not its weights: ``ladic eval --set`` may override them.
 SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "back_and_refine", "refine_time", "refine_keep", "refine_noise",
-                 "clamp", "clamp_mask_pad", "sampling_noise_factor", "no_dangling_end", "mbr_lengths")
+                 "clamp", "clamp_mask_pad", "sampling_noise_factor", "no_dangling_end", "mbr_lengths", "num_candidates",
+                 "candidate_select", "candidate_lengths", "likelihood_timesteps")
+CANDIDATE_SELECTS = ("mbr", "likelihood")
 # Options whose experiments lost and that left the library (results in docs/MODEL_CARD.md); commit REMOVED_IN has them.
 # A config saved before may still hold one: at the value it had by default (a no-op) it is dropped on load, another
 # value is refused (``drop_removed``).
@@ -108,6 +110,14 @@ class LaDiCConfig:
     # MBR candidates of a length-conditioned model: "top" = the k most likely lengths, "predicted" = all at the
     # most likely one (they differ by their noise only).
     mbr_lengths: str = "top"
+    # Drafts per caption when the caller asks for none (``--mbr``), and how one is chosen: "mbr" (the highest mean
+    # similarity to the others) or "likelihood" (the draft the model itself reconstructs best, ``LaDiC.likelihood_scores``).
+    num_candidates: int = 1
+    candidate_select: str = "mbr"
+    # With mbr_lengths "top": the drafts cycle over this many most likely lengths (0 = one length per draft).
+    candidate_lengths: int = 0
+    # The noise levels t at which "likelihood" re-noises and reconstructs each re-encoded draft.
+    likelihood_timesteps: tuple[int, ...] = (100,)
     seed_for_init: int = 0
 
     def __post_init__(self) -> None:
@@ -136,6 +146,13 @@ class LaDiCConfig:
             raise ValueError("refine_time and refine_keep must lie strictly between 0 and 1")
         if self.mbr_lengths not in ("top", "predicted"):
             raise ValueError(f"unknown mbr_lengths {self.mbr_lengths!r}; use 'top' or 'predicted'")
+        if self.candidate_select not in CANDIDATE_SELECTS:
+            raise ValueError(f"unknown candidate_select {self.candidate_select!r}; use 'mbr' or 'likelihood'")
+        if self.num_candidates < 1 or self.candidate_lengths < 0:
+            raise ValueError("num_candidates must be >= 1 and candidate_lengths >= 0")
+        self.likelihood_timesteps = tuple(int(t) for t in self.likelihood_timesteps)
+        if not self.likelihood_timesteps or not all(0 <= t < self.num_train_timesteps for t in self.likelihood_timesteps):
+            raise ValueError(f"likelihood_timesteps must be one or more t in 0..{self.num_train_timesteps - 1}")
         if self.sampling_noise_factor < 0:
             raise ValueError("sampling_noise_factor must be >= 0 (0 = the training noise factor)")
         if self.input_scaling not in INPUT_SCALINGS:

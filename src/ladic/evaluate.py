@@ -168,15 +168,17 @@ def evaluate_model(
 
 def caption_statistics(captions: list[str]) -> dict[str, float | None]:
     """Dangling endings, broken word pairs and OOV words of ``captions`` (``ladic.bench.text_stats``), against the
-    Flickr8k train captions (broken pairs and OOV words None where Flickr8k is not found)."""
+    Flickr8k train captions (broken pairs and OOV words None where Flickr8k is not found), and the share the shipped
+    fluency check calls not fluent (``ladic.fluency``; calibrated against a blind editor, docs/experiments/fluency.md)."""
     from ladic.bench.text_stats import caption_stats, training_text
     from ladic.data.captions import load_flickr8k
+    from ladic.fluency import not_fluent_share
 
     try:
         train = training_text(c for r in load_flickr8k("train") for c in r.captions)
     except FileNotFoundError:
         train = None
-    return caption_stats(captions, train)
+    return {**caption_stats(captions, train), "not_fluent_share": not_fluent_share(captions)}
 
 
 def parse_sampling_overrides(items: list[str]) -> dict[str, Any]:
@@ -217,7 +219,7 @@ def evaluate_cli(args: argparse.Namespace) -> int:
             res.settings += f"; results={args.results}"
         else:
             sampling = dict(num_inference_steps=args.steps, guidance_scale=args.guidance,
-                            back_and_refine=args.back_and_refine, mbr_candidates=args.mbr, seed=args.seed,
+                            back_and_refine=args.back_and_refine, mbr_candidates=args.mbr, select=args.select, seed=args.seed,
                             length=args.length, clamp=args.clamp, mbr_lengths=args.mbr_lengths)
             if args.rerank:
                 sampling["rerank_with"] = args.rerank_model
