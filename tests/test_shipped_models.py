@@ -45,9 +45,11 @@ def test_the_default_model_is_a_one_step_student(dog_records, capsys):
     assert (c.num_inference_steps, c.guidance_scale, c.back_and_refine, c.clamp) == (1, 0.0, False, False)
     assert c.length_conditioning and (f.num_inference_steps, f.back_and_refine, f.clamp) == (5, True, True)
     assert c.output_vocab_size == f.output_vocab_size > 0
+    assert (c.num_candidates, c.candidate_select, c.candidate_lengths, c.mbr_lengths) == (16, "likelihood", 4, "top")
     photos = [r.image_path for r in dog_records]
     out = fast.generate(photos, seed=0)
-    assert out.num_evaluations == 1  # one network evaluation per batch
+    assert out.num_evaluations == 2  # per batch: one evaluation drafts all 16 x 20 captions, one scores them
+    assert all(len(set(c)) > 1 and cap in c for cap, c in zip(out.captions, out.candidates))
     assert sum(bool(DOG.search(cap)) for cap in out.captions) >= 14, out.captions
     for flags in ([], ["--fast"]):
         assert main(["caption", photos[0], *flags]) == 0

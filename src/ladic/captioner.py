@@ -409,6 +409,7 @@ class LaDiC(Captioner):
                 scores = rerank_with.score_captions(image_feats, texts).view(-1, k)
             elif k > 1 and select == "likelihood":
                 scores = self.likelihood_scores(image_ctx, texts, generators).view(-1, k)
+                out.num_evaluations += len(cfg.likelihood_timesteps)
             for j in range(0, b, k):
                 group = texts[j : j + k]
                 best = mbr_select(group, mbr_similarity) if scores is None else int(scores[j // k].argmax())
@@ -469,7 +470,12 @@ class LaDiC(Captioner):
             guidance_scale: w of classifier-free guidance (default from the config; 0 disables the unconditional
                 branch).
             back_and_refine: roll back low-confidence tokens at t = T/2 and refine (default from the config).
-            mbr_candidates: k > 1 draws k captions per image and returns the MBR choice (or ``rerank_with``'s).
+            mbr_candidates: k > 1 draws k captions per image and keeps one (``select``); default from the config
+                (``num_candidates``: 16 for the shipped default, 1 otherwise).
+            select: how one of the k drafts is kept: "mbr" (the highest mean similarity to the others) or "likelihood"
+                (the one the model itself reconstructs best from noise, ``likelihood_scores``; the shipped default's
+                choice; docs/MODEL_CARD.md says how often each choice reads broken).
+                Default from the config (``candidate_select``).
             rerank_with: a model with ``score_captions`` and the same image encoder (the AR baseline,
                 ``ARCaptioner``): of the k candidates, return the one it scores highest (noisy parallel decoding,
                 Gu et al. 2018) instead of the MBR choice. One teacher-forced pass of that model over the k candidates.

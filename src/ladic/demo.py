@@ -432,7 +432,7 @@ class _Demo:
             "guidance": float(cfg.guidance_scale),
             "seed": 0,
             "back_and_refine": bool(cfg.back_and_refine),
-            "mbr": 1,
+            "mbr": min(int(cfg.num_candidates), MAX_MBR),
             "length": None,
             "samples": 1,
         }
