@@ -275,3 +275,17 @@ def test_grid_pooling_of_dinov2(encoders):
     torch.testing.assert_close(pooled.pool(a.half()).float(), b, atol=2e-2, rtol=2e-2)  # from fp16 cached tokens
     with pytest.raises(ValueError, match="cannot pool"):
         ie.GridPooledEncoder(encoders["efficientnet-lite0"], 4)
+
+
+def test_weights_key_reads_batchnorm_buffers():
+    """EfficientNet's BatchNorm holds a 0-dim num_batches_tracked; the feature-cache key used to fail on it (issue 39)."""
+    from torch import nn
+
+    from ladic.image_encoders import encoder_weights_key
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    key = encoder_weights_key(net)
+    assert len(key) == 16 and key == encoder_weights_key(net)
+    with torch.no_grad():
+        net[1].num_batches_tracked += 1
+    assert encoder_weights_key(net) != key

@@ -88,7 +88,8 @@ def encoder_weights_key(encoder: nn.Module) -> str:
                                  list(getattr(encoder, "mean", ())), list(getattr(encoder, "std", ()))]).encode())
     for name, t in sorted(encoder.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1): 0-dim tensors (BatchNorm's num_batches_tracked) cannot be viewed as bytes directly.
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 

@@ -43,7 +43,8 @@ class ExportError(ValueError):
 class OneStepGraph(nn.Module):
     """The one-step sampler of a LaDiC model as a traceable module: (B, N, D_img) tokens + (B, L, D) noise -> (B, L) ids.
 
-    Equal to ``LaDiC.generate(tokens, num_inference_steps=1)`` with its other sampling settings from the model's
+    Equal to ``LaDiC.generate(tokens, num_inference_steps=1, mbr_candidates=1)`` (one draft: the graph does not draft
+    several and choose, as the shipped default does in PyTorch) with its other sampling settings from the model's
     config, when ``noise`` is the standard-normal draw the sampler makes (``ladic.photo_seed``).
     """
 
@@ -254,8 +255,8 @@ class OnnxCaptioner:
         if keys is None:
             keys = [tensor_key(row) for row in image_tokens]
         defaults = {"num_inference_steps": (None, 1), "guidance_scale": (None,), "back_and_refine": (None, False),
-                    "mbr_candidates": (1,), "length": (None,), "return_trajectory": (False,), "clamp": (None,),
-                    "mbr_lengths": (None,), "template": (None,)}
+                    "mbr_candidates": (None, 1), "select": (None,), "length": (None,), "return_trajectory": (False,),
+                    "clamp": (None,), "mbr_lengths": (None,), "template": (None,)}
         changed = [k for k, v in sampling.items() if v not in defaults.get(k, ())]
         if changed:
             raise ValueError(f"the ONNX runtime samples as exported (one step); it does not take {', '.join(changed)}")
