@@ -438,6 +438,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"{src}: no such folder")
     if (args.int8 or args.web) and not args.onnx:
         raise UsageError("--int8 and --web apply to --onnx exports")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: a file, not a folder; export into a new folder")
+    if out.exists() and out.resolve() == src.resolve():
+        raise UsageError(f"{out}: that is the folder being exported; export into another folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"{out}: exists and is not empty; give --overwrite to replace it")
     if args.onnx and (args.fp16 or args.raw):
         raise UsageError("--onnx writes fp32 graphs of the folder's weights; --fp16 and --raw do not apply to it yet")
     if (src / CONFIG_NAME).is_file():  # a model folder: re-export it (e.g. with a restricted vocabulary)
@@ -466,6 +473,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         captions = [c for r in records for c in r.captions]
         model.restrict_output_vocab(model.text.tokenize(captions)["input_ids"])
         what += f", output vocabulary restricted to the {model.text.output_vocab_size} word pieces of {len(captions)} training captions"
+    if args.overwrite and out.is_dir():
+        import shutil
+
+        shutil.rmtree(out)
     if args.onnx:
         from ladic.onnx_export import ExportError, export_onnx, write_web_page
 
@@ -475,6 +486,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             else:
                 export_onnx(model.float(), args.out, int8=args.int8)
         except ExportError as e:
+            if out.is_dir() and not any(out.rglob("*.onnx")):  # a refused export leaves no folder behind
+                import shutil
+
+                shutil.rmtree(out)
             raise UsageError(f"{src}: {e}") from None
         print(f"exported {what} of {src} as ONNX to {args.out}" + (" with the in-browser page (index.html)" if args.web else ""))
         return 0
@@ -575,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="<out_dir>/checkpoint of a training run, or a model folder")
     p.add_argument("out")
     p.add_argument("--fp16", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (refused otherwise)")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
     p.add_argument("--restrict-vocab", metavar="DATA",
                    help="let the LM head score only the word pieces of DATA's train captions ('flickr8k' or a "
