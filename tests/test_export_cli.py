@@ -40,3 +40,10 @@ def test_refused_onnx_export_leaves_nothing(tmp_path, capsys):
     assert main(["export", str(tmp_path / "five-step"), str(tmp_path / "onnx"), "--onnx"]) == 2
     _one_error(capsys, "the ONNX export covers one-step models")
     assert not (tmp_path / "onnx").exists()
+
+
+def test_features_into_a_file_is_one_error(tmp_path, capsys):
+    (tmp_path / "afile.txt").write_text("x")
+    assert main(["features", str(tmp_path / "afile.txt")]) == 2
+    _one_error(capsys, "a file, not a folder")
+    assert (tmp_path / "afile.txt").read_text() == "x"

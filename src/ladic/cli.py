@@ -393,6 +393,8 @@ def cmd_features(args: argparse.Namespace) -> int:
         raise UsageError(f"--dtype {args.dtype}: choose from {', '.join(STORAGE_DTYPES)}")
     if args.shard_size < 1 or args.batch_size < 1:
         raise UsageError("--shard-size and --batch-size must be >= 1")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"{args.out}: a file, not a folder; give a folder for the shards")
     try:
         tc = TrainConfig.load(args.config, list(args.set or []) + ["features_dir=null"])  # (the folder being made)
     except ConfigError as e:
