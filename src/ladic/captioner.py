@@ -21,6 +21,9 @@ from ladic.photo_seed import photo_generator, pixel_key, tensor_key
 from ladic.sampling import SampleResult, ddim_sample_loop, gaussian_noise, guided_denoiser, mbr_select
 
 BLANK_MARKERS = ("[MASK]", "[mask]")
+# Rows per forward pass when each image has several drafts (16 drafts x 4 images: 234 ms per photo against 277 with
+# 64 images at a time, 2 threads; docs/BENCHMARKS.md, "Fluency: the cost of drafting").
+DRAFT_ROWS = 64
 
 
 class CaptioningCancelled(Exception):
@@ -364,6 +367,8 @@ class LaDiC(Captioner):
             templates = [template] * n if isinstance(template, str) else [t for i, t in enumerate(template) if i not in out.errors]
             infill = tuple(torch.cat(z) for z in zip(*[self.infill_template(t) for t in templates]))
         process = self._sampling_diffusion()
+        if k > 1:  # at most DRAFT_ROWS rows (images x drafts) per forward: larger batches ran slower on the CPU
+            batch_size = max(1, min(batch_size, DRAFT_ROWS // k))
         for start in tqdm(range(0, n, batch_size), desc="captioning", disable=not progress or n <= batch_size):
             feats = images[start : start + batch_size].to(self.device) if is_feats else \
                 self.image_encoder.encode(pil[start : start + batch_size]).to(self.device)
@@ -492,7 +497,7 @@ class LaDiC(Captioner):
                 a function of x_T alone (default from the config, "fresh").
             no_dangling_end: with a length (predicted, asked or a template's), the word before [SEP] is never a
                 function word ("a", "on", ...), so no caption ends "... on a" (default from the config, on).
-            batch_size: images per forward batch.
+            batch_size: images per forward batch (with k drafts each, at most ``DRAFT_ROWS`` // k).
 
         Returns:
             one caption per image. Raises ``ImageLoadError`` naming the bad input (nothing is captioned then).

@@ -1,5 +1,5 @@
 """Issue 38: end-to-end time per photo (JPEG decode + encode + caption) of the shipped default (16 drafts, likelihood
-choice), its single draft (the default before issue 38: ``mbr_candidates=1``) and the shipped AR baseline (greedy).
+choice), 8 and 4 drafts, its single draft (the default before issue 38: ``mbr_candidates=1``) and the shipped AR baseline (greedy).
 
 python docs/bench/fluency/timing.py OUT.json [THREADS]
 Batch 1 over the first 50 Flickr8k val photos, batch 64 over the first 320; same process and thread count, one run
@@ -21,7 +21,8 @@ threads = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 torch.set_num_threads(threads)
 paths = [r.image_path for r in load_flickr8k("val")]
 ladic, ar = LaDiC.from_pretrained(), ARCaptioner.from_pretrained()
-systems = {"default (16 drafts, likelihood)": (ladic, {}), "single draft": (ladic, {"mbr_candidates": 1}),
+systems = {"default (16 drafts, likelihood)": (ladic, {}), "8 drafts, likelihood": (ladic, {"mbr_candidates": 8}),
+           "4 drafts, likelihood": (ladic, {"mbr_candidates": 4}), "single draft": (ladic, {"mbr_candidates": 1}),
            "ar-small greedy": (ar, {})}
 
 
