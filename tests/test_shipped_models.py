@@ -8,7 +8,7 @@ import re
 import pytest
 
 from ladic.baselines.ar import ARCaptioner, default_ar_model_path
-from ladic.captioner import LaDiC, default_model_path, full_model_path
+from ladic.captioner import DRAFT_ROWS, LaDiC, default_model_path, full_model_path
 from ladic.cli import main
 from ladic.data.captions import load_flickr8k
 
@@ -48,7 +48,8 @@ def test_the_default_model_is_a_one_step_student(dog_records, capsys):
     assert (c.num_candidates, c.candidate_select, c.candidate_lengths, c.mbr_lengths) == (16, "likelihood", 4, "top")
     photos = [r.image_path for r in dog_records]
     out = fast.generate(photos, seed=0)
-    assert out.num_evaluations == 2  # per batch: one evaluation drafts all 16 x 20 captions, one scores them
+    # Per forward of DRAFT_ROWS // 16 photos: one evaluation drafts their 16 captions each, one scores them.
+    assert out.num_evaluations == 2 * -(-len(photos) // (DRAFT_ROWS // 16))
     assert all(len(set(c)) > 1 and cap in c for cap, c in zip(out.captions, out.candidates))
     assert sum(bool(DOG.search(cap)) for cap in out.captions) >= 14, out.captions
     for flags in ([], ["--fast"]):

@@ -94,7 +94,9 @@ def _load_onnx(path: str | None):
         raise UsageError(f"--runtime onnx: {e}") from None
 
 
-def _sampling_kwargs(args: argparse.Namespace) -> dict:
+def _sampling_kwargs(args: argparse.Namespace, model=None) -> dict:
+    if args.rerank and model is not None and (args.mbr or getattr(model.config, "num_candidates", 1)) < 2:
+        raise UsageError("--rerank chooses among candidates; give --mbr K with K >= 2")
     kwargs = dict(
         num_inference_steps=args.steps, guidance_scale=args.guidance, back_and_refine=args.back_and_refine,
         mbr_candidates=args.mbr, seed=args.seed, clamp=args.clamp, mbr_lengths=args.mbr_lengths, select=args.select,
@@ -301,7 +303,7 @@ def _caption_collection(args: argparse.Namespace, photos: list, errors: list[str
         bar = tqdm(total=len(todo), unit="photo", desc="captioning", dynamic_ncols=True,
                    disable=True if procs.rank else None if args.progress is None else not args.progress)
         batches = caption_batches(model, todo, config=config, stats=stats, length=args.length,
-                                  return_trajectory=args.trajectory, **_sampling_kwargs(args))
+                                  return_trajectory=args.trajectory, **_sampling_kwargs(args, model))
         for batch in batches:
             for r in batch:
                 if r.error is not None:
@@ -346,7 +348,7 @@ def cmd_infill(args: argparse.Namespace) -> int:
     _quiet_transformers()
     model = _load_model(args.model, args.device, args)
     try:
-        out = model.generate([image], template=args.template, **_sampling_kwargs(args))
+        out = model.generate([image], template=args.template, **_sampling_kwargs(args, model))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
