@@ -47,3 +47,12 @@ def test_features_into_a_file_is_one_error(tmp_path, capsys):
     assert main(["features", str(tmp_path / "afile.txt")]) == 2
     _one_error(capsys, "a file, not a folder")
     assert (tmp_path / "afile.txt").read_text() == "x"
+
+
+def test_onnx_folder_and_no_clamp_messages_name_what_was_given(tmp_path, capsys):
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "onnx_config.json").write_text("{}")
+    assert main(["caption", "--examples", "--model", str(tmp_path / "onnx")]) == 2
+    _one_error(capsys, "an ONNX export, not a model folder; caption with it through --runtime onnx")
+    assert main(["caption", "--examples", "--runtime", "onnx", "--no-clamp"]) == 2
+    _one_error(capsys, "drop --no-clamp")

@@ -37,7 +37,7 @@ def _check_options(args: argparse.Namespace) -> None:
                                           ("--select", args.select),
                                           ("--mbr-lengths", args.mbr_lengths), ("--length", args.length),
                                           ("--trajectory", args.trajectory), ("--rerank", args.rerank),
-                                          ("--clamp", args.clamp is not None), ("--device", args.device != "cpu"),
+                                          ("--clamp" if args.clamp else "--no-clamp", args.clamp is not None), ("--device", args.device != "cpu"),
                                           ("--full", args.full)) if value not in (None, False)]
         if given:
             raise UsageError(f"--runtime onnx samples as exported (one step, on the CPU); drop {', '.join(given)}")

@@ -37,6 +37,8 @@ def checkpoint_model_type(path: str | Path) -> str:
 
     cfg = Path(path) / CONFIG_NAME
     if not cfg.is_file():
+        if (Path(path) / "onnx_config.json").is_file():
+            raise CheckpointError(f"{path}: an ONNX export, not a model folder; caption with it through --runtime onnx")
         raise CheckpointError(f"{path}: not a model folder (needs {CONFIG_NAME})")
     try:
         meta = json.loads(cfg.read_text())
