@@ -82,8 +82,11 @@ def test_config_defaults_apply_and_bad_settings_are_refused(length_model, scenes
         m.generate([scenes[0].image], mbr_candidates=2, select="best")
     with pytest.raises(ValueError, match="candidate_select"):
         LaDiCConfig(candidate_select="best")
-    with pytest.raises(ValueError, match="likelihood_timesteps"):
-        LaDiCConfig(likelihood_timesteps=(1000,))
+    for bad in ((1000,), (), "x", 1.5, [1.5], [True]):
+        with pytest.raises(ValueError, match="likelihood_timesteps"):
+            LaDiCConfig(likelihood_timesteps=bad)
+    assert LaDiCConfig(likelihood_timesteps=100).likelihood_timesteps == (100,)
+    assert LaDiCConfig(likelihood_timesteps=[30, 100]).likelihood_timesteps == (30, 100)
     with pytest.raises(ValueError, match="num_candidates"):
         LaDiCConfig(num_candidates=0)
 

@@ -150,9 +150,14 @@ class LaDiCConfig:
             raise ValueError(f"unknown candidate_select {self.candidate_select!r}; use 'mbr' or 'likelihood'")
         if self.num_candidates < 1 or self.candidate_lengths < 0:
             raise ValueError("num_candidates must be >= 1 and candidate_lengths >= 0")
-        self.likelihood_timesteps = tuple(int(t) for t in self.likelihood_timesteps)
-        if not self.likelihood_timesteps or not all(0 <= t < self.num_train_timesteps for t in self.likelihood_timesteps):
-            raise ValueError(f"likelihood_timesteps must be one or more t in 0..{self.num_train_timesteps - 1}")
+        levels = self.likelihood_timesteps
+        levels = [levels] if isinstance(levels, int) else levels
+        if (not isinstance(levels, (list, tuple)) or not levels
+                or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.num_train_timesteps
+                           for t in levels)):
+            raise ValueError(f"likelihood_timesteps must be one or more integer t in 0..{self.num_train_timesteps - 1}, "
+                             f"e.g. [100]; got {self.likelihood_timesteps!r}")
+        self.likelihood_timesteps = tuple(levels)
         if self.sampling_noise_factor < 0:
             raise ValueError("sampling_noise_factor must be >= 0 (0 = the training noise factor)")
         if self.input_scaling not in INPUT_SCALINGS:
