@@ -95,7 +95,8 @@ def _load_onnx(path: str | None):
 
 
 def _sampling_kwargs(args: argparse.Namespace, model=None) -> dict:
-    if args.rerank and model is not None and (args.mbr or getattr(model.config, "num_candidates", 1)) < 2:
+    drafts = args.mbr if args.mbr is not None else getattr(getattr(model, "config", None), "num_candidates", 1)
+    if args.rerank and model is not None and drafts < 2:
         raise UsageError("--rerank chooses among candidates; give --mbr K with K >= 2")
     kwargs = dict(
         num_inference_steps=args.steps, guidance_scale=args.guidance, back_and_refine=args.back_and_refine,
@@ -427,6 +428,8 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import shutil
+
     import torch
     from safetensors.torch import load_file
 
@@ -478,8 +481,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         model.restrict_output_vocab(model.text.tokenize(captions)["input_ids"])
         what += f", output vocabulary restricted to the {model.text.output_vocab_size} word pieces of {len(captions)} training captions"
     if args.overwrite and out.is_dir():
-        import shutil
-
         shutil.rmtree(out)
     if args.onnx:
         from ladic.onnx_export import ExportError, export_onnx, write_web_page
@@ -491,8 +492,6 @@ def cmd_export(args: argparse.Namespace) -> int:
                 export_onnx(model.float(), args.out, int8=args.int8)
         except ExportError as e:
             if out.is_dir() and not any(out.rglob("*.onnx")):  # a refused export leaves no folder behind
-                import shutil
-
                 shutil.rmtree(out)
             raise UsageError(f"{src}: {e}") from None
         print(f"exported {what} of {src} as ONNX to {args.out}" + (" with the in-browser page (index.html)" if args.web else ""))

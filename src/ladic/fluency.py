@@ -199,6 +199,24 @@ def training_pairs(captions: Sequence[str], rng: random.Random) -> tuple[list[st
     return [c for c, _ in items], [y for _, y in items]
 
 
+def _train_epoch(check: FluencyCheck, opt: torch.optim.Optimizer, items: Sequence[tuple[str, int]], batch_size: int,
+                 sched: torch.optim.lr_scheduler.LRScheduler | None = None, bar: tqdm | None = None) -> None:
+    """One pass of binary cross-entropy over (caption, not fluent) ``items`` in order, full batches only."""
+    for i in range(0, len(items) - batch_size + 1, batch_size):
+        batch = check.tokenize([c for c, _ in items[i : i + batch_size]])
+        logit = check.logits(batch["input_ids"], batch["attention_mask"])
+        target = torch.tensor([y for _, y in items[i : i + batch_size]], dtype=torch.float)
+        loss = F.binary_cross_entropy_with_logits(logit, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
 def train_check(captions: Sequence[str], *, epochs: int = 2, batch_size: int = 64, lr: float = 3e-4,
                 seed: int = 0, progress: bool = True) -> FluencyCheck:
     """Train the head on ``captions`` (fluent) and their corruptions (broken). Returns the check (threshold 0.5)."""
@@ -213,16 +231,7 @@ def train_check(captions: Sequence[str], *, epochs: int = 2, batch_size: int = 6
     check.train()
     for _ in range(epochs):
         texts, labels = training_pairs(captions, rng)  # fresh corruptions every epoch
-        for i in range(0, len(texts) - batch_size + 1, batch_size):
-            batch = check.tokenize(texts[i : i + batch_size])
-            logit = check.logits(batch["input_ids"], batch["attention_mask"])
-            loss = F.binary_cross_entropy_with_logits(logit, torch.tensor(labels[i : i + batch_size], dtype=torch.float))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        _train_epoch(check, opt, list(zip(texts, labels)), batch_size, sched, bar)
     bar.close()
     return check.eval()
 
@@ -245,14 +254,7 @@ def finetune_check(check: FluencyCheck, judged: Sequence[tuple[str, bool]], capt
         texts, labels = training_pairs(captions[epoch * half : (epoch + 1) * half], rng)
         items = [(c, int(bad)) for c, bad in judged] + list(zip(texts, labels))
         rng.shuffle(items)
-        for i in range(0, len(items) - batch_size + 1, batch_size):
-            batch = check.tokenize([c for c, _ in items[i : i + batch_size]])
-            logit = check.logits(batch["input_ids"], batch["attention_mask"])
-            target = torch.tensor([y for _, y in items[i : i + batch_size]], dtype=torch.float)
-            loss = F.binary_cross_entropy_with_logits(logit, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        _train_epoch(check, opt, items, batch_size)
     return check.eval()
 
 

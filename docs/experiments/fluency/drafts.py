@@ -19,7 +19,7 @@ recs = load_flickr8k('val')
 feats = build_image_features(model, recs, feature_cache_dir()).float()
 if which != 'all':
     ids = set(json.load(open('docs/experiments/fluency/set-a-photos.json')))
-    if which == 'sub': ids |= {r['photo'].rsplit('.', 1)[0] for r in csv.DictReader(open('/work/shared/fluency/val-judged.tsv'), delimiter='\t')}
+    if which == 'sub': ids |= {r['photo'].rsplit('.', 1)[0] for r in csv.DictReader(open('../shared/fluency/val-judged.tsv'), delimiter='\t')}
     keep = [i for i, r in enumerate(recs) if r.image_id in ids]
     recs = [recs[i] for i in keep]; feats = feats[keep]
 t0 = time.time()

@@ -40,9 +40,10 @@ with torch.no_grad():
             tt = torch.full((x0.shape[0],), t, dtype=torch.long)
             xt = model.diffusion.q_sample(x0, tt, noise)
             xh = model.diffuser(xt, tt, torch.zeros_like(x0), kv)
-            res['pos'][t] += [[round(v, 4) for v, w in zip(row, wr) if w] for row, wr in zip(((xh - x0) ** 2).mean(2).tolist(), words.tolist())]
-            res['latw'][t] += (-(((xh - x0) ** 2).mean(2) * words).sum(1) / words.sum(1)).tolist()
-            res['latent'][t] += (-((xh - x0) ** 2).mean((1, 2))).tolist()
+            err = ((xh - x0) ** 2).mean(2)  # (B, L)
+            res['pos'][t] += [[round(v, 4) for v, w in zip(row, wr) if w] for row, wr in zip(err.tolist(), words.tolist())]
+            res['latw'][t] += (-(err * words).sum(1) / words.sum(1)).tolist()
+            res['latent'][t] += (-err.mean(1)).tolist()
             lp = model.text.logits(xh).log_softmax(-1).gather(-1, model.text.output_index(ids)[..., None]).squeeze(-1)
             res['token'][t] += ((lp * words).sum(1) / words.sum(1)).tolist()
             res['tokmin'][t] += lp.masked_fill(~words, 0).amin(1).tolist()
